@@ -1,0 +1,3 @@
+"""conceptprobe: how pretrained language models encode and decode concepts in context."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""CLI command groups, each registering its commands on the main typer app."""

@@ -1,0 +1,104 @@
+"""Typed run configuration: YAML in, CLI flags override, validated before any weight is loaded."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from conceptprobe.prompts import PromptFormat
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the file, the key and what is allowed."""
+
+
+class RunConfig(BaseModel):
+    """Everything that determines one run's results (a fingerprint of it names the run's identity)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(description="packaged alias, .gguf file, local folder or hub id")
+    task: str
+    task_params: dict[str, Any] = Field(default_factory=dict)
+    shots: int = Field(4, ge=0, le=256)
+    n: int = Field(100, ge=2, description="prompts per concept")
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    layers: Literal["all"] | list[int] = "all"
+    positions: list[int] = Field(default_factory=lambda: [0], description="offsets from the token before the answer")
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1, description="default: longest answer in tokens + 2")
+    knn_k: int = Field(10, ge=1)
+    knn_metric: Literal["euclidean", "cosine"] = "euclidean"
+    standardize: bool = True
+    probe_folds: int = Field(5, ge=2)
+    prompt_format: PromptFormat = Field(default_factory=PromptFormat)
+    save_activations: bool = True
+    trust_remote_code: bool = False
+
+    @field_validator("positions")
+    @classmethod
+    def _positions(cls, value: list[int]) -> list[int]:
+        if not value:
+            raise ValueError("positions must list at least one offset (0 = the token right before the answer)")
+        if any(p > 0 for p in value):
+            raise ValueError("positions are offsets <= 0 from the token right before the answer (0, -1, ...)")
+        if len(set(value)) != len(value):
+            raise ValueError("positions has duplicates")
+        return value
+
+    @model_validator(mode="after")
+    def _enough_prompts(self) -> RunConfig:
+        if self.n < self.probe_folds:
+            raise ValueError(
+                f"n={self.n} prompts per concept is fewer than probe_folds={self.probe_folds}; "
+                "raise n or lower probe_folds"
+            )
+        return self
+
+    def fingerprint(self) -> str:
+        """A hash of every field that changes results (batch size excluded: results do not depend on it)."""
+        data = self.model_dump(mode="json", exclude={"batch_size", "save_activations"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: key {key!r}: {msg}")
+    return "; ".join(lines)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def make_run_config(base: dict[str, Any], overrides: dict[str, Any], source: str = "run config") -> RunConfig:
+    """Merge CLI overrides (None = not given) onto a base mapping and validate."""
+    merged = dict(base)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None

@@ -1,0 +1,479 @@
+"""Concept decodability per layer: leave-one-out k-NN (Han et al. 2024) and a cross-validated logistic probe.
+
+Both measures take a stack of representations ``X`` of shape ``[n_layers, n, d]`` (or ``[n, d]`` for one
+layer) and ``n`` concept labels, and return per-layer accuracies, overall and per concept (recall).
+
+Scaling. Raw residual-stream distances are dominated by a few high-variance dimensions (see DESIGN.md), so
+both measures z-score every feature by default: per layer over all ``n`` points for k-NN (an unsupervised
+transform that uses no labels), and per training fold for the probe (fitted on the training rows only,
+as scikit-learn's ``StandardScaler`` in a pipeline would be).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "KnnResult",
+    "ProbeResult",
+    "decodability_peak",
+    "knn_decodability",
+    "probe_accuracy",
+    "stratified_fold_ids",
+]
+
+_METRICS = ("euclidean", "cosine")
+
+
+@dataclass
+class KnnResult:
+    """Leave-one-out k-NN decodability per layer.
+
+    ``overall[l]`` is the fraction of points classified correctly at layer ``l``; ``per_concept[c][l]`` the
+    recall of concept ``c``; ``predictions[l, i]`` the predicted class index (into ``classes``) of point ``i``.
+    """
+
+    overall: np.ndarray
+    per_concept: dict[str, np.ndarray]
+    predictions: np.ndarray
+    classes: list[str]
+    k: int = 10
+    metric: str = "euclidean"
+    standardize: bool = True
+
+
+@dataclass
+class ProbeResult:
+    """Cross-validated logistic-probe accuracy per layer.
+
+    ``overall[l]`` is the held-out accuracy at layer ``l`` (pooled over folds); ``per_concept[c][l]`` the
+    held-out recall of concept ``c``; ``predictions[l, i]`` the class index predicted for point ``i`` by the
+    probe of the fold that held it out; ``fold_ids[i]`` that fold. ``n_iter``, ``converged`` and
+    ``grad_max`` ([n_layers, folds]) describe the optimiser: iterations used, whether the largest absolute
+    gradient entry of the (sample-averaged) objective reached ``tol``, and its final value.
+    """
+
+    overall: np.ndarray
+    per_concept: dict[str, np.ndarray]
+    classes: list[str]
+    predictions: np.ndarray
+    fold_ids: np.ndarray
+    n_iter: np.ndarray
+    converged: np.ndarray
+    grad_max: np.ndarray
+    C: float = 1.0
+    standardize: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Shared input handling
+
+
+def _as_layers(X: Any) -> torch.Tensor:
+    """Return ``X`` as a floating tensor of shape [n_layers, n, d] (a 2-D input is one layer)."""
+    t = X.detach() if isinstance(X, torch.Tensor) else torch.as_tensor(np.asarray(X))
+    if t.ndim == 2:
+        t = t.unsqueeze(0)
+    if t.ndim != 3:
+        raise ValueError(f"X must have shape [n_layers, n, d] or [n, d]; got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        t = t.to(torch.float32)
+    if t.shape[1] == 0 or t.shape[2] == 0:
+        raise ValueError(f"X has no points or no features: shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t.sum(dim=(1, 2), dtype=torch.float64)).all()):  # cheap first check
+        bad = ~torch.isfinite(t).flatten(1).all(dim=1)
+    else:
+        bad = torch.zeros(t.shape[0], dtype=torch.bool)
+    if bool(bad.any()):
+        layers = torch.nonzero(bad).flatten().tolist()
+        raise ValueError(f"X contains NaN or inf at layer {layers[0]} (layers with non-finite values: {layers})")
+    return t.cpu()
+
+
+def _encode_labels(labels: Sequence[str], n: int) -> tuple[np.ndarray, list[str]]:
+    """Map labels to indices; classes are kept in order of first appearance."""
+    labels = list(np.asarray(labels, dtype=object).ravel()) if not isinstance(labels, list) else labels
+    if len(labels) != n:
+        raise ValueError(f"got {len(labels)} labels for {n} points: they must match X.shape[-2]")
+    index: dict[Any, int] = {}
+    y = np.fromiter((index.setdefault(lab, len(index)) for lab in labels), dtype=np.int64, count=n)
+    if len(index) < 2:
+        raise ValueError(f"decodability needs at least 2 classes; got {len(index)}: {list(index)}")
+    return y, list(index)
+
+
+def _zscore(Z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Z-score each feature over the points axis (-2) in ``dtype``; (near-)constant features become 0."""
+    Z = Z if dtype is None else Z.to(dtype)
+    var, mean = torch.var_mean(Z, dim=-2, correction=0, keepdim=True)
+    const = var.sqrt() <= 4 * torch.finfo(Z.dtype).eps * mean.abs()  # includes var == 0
+    inv = torch.where(const, 0.0, var.clamp_min(torch.finfo(Z.dtype).tiny).rsqrt())
+    return torch.addcmul(-mean * inv, Z, inv)
+
+
+def _center(Z: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    Z = Z if dtype is None else Z.to(dtype)
+    return Z - Z.mean(dim=-2, keepdim=True)
+
+
+def _recalls(pred: np.ndarray, y: np.ndarray, classes: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    correct = pred == y[None, :]
+    overall = correct.mean(axis=1)
+    per_concept = {c: correct[:, y == i].mean(axis=1) for i, c in enumerate(classes)}
+    return overall, per_concept
+
+
+def decodability_peak(overall: np.ndarray) -> int:
+    """The layer of highest decodability (the first one on ties)."""
+    a = np.asarray(overall, dtype=float)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"overall must be a non-empty 1-D array of per-layer values; got shape {a.shape}")
+    if np.isnan(a).any():
+        raise ValueError("overall contains NaN")
+    return int(np.argmax(a))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Leave-one-out k-NN
+
+
+def _knn_vote(nb: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Majority vote over neighbour labels ``nb`` [..., k] (ordered nearest first).
+
+    Ties between classes go to the tied class whose nearest member among the k neighbours is closest.
+    """
+    counts = F.one_hot(nb, n_classes).sum(dim=-2)
+    tied = counts == counts.max(dim=-1, keepdim=True).values
+    first = tied.gather(-1, nb).to(torch.int32).argmax(dim=-1, keepdim=True)
+    return nb.gather(-1, first).squeeze(-1)
+
+
+def knn_decodability(
+    X: Any,
+    labels: Sequence[str],
+    k: int = 10,
+    metric: str = "euclidean",
+    standardize: bool = True,
+) -> KnnResult:
+    """Leave-one-out k-NN concept decodability per layer (Han et al. 2024).
+
+    Each point is classified by a majority vote of its ``k`` nearest *other* points. Neighbours are ordered by
+    (distance, index), so equal distances go to the lower index; a tie between classes goes to the tied class
+    whose nearest member is closest. ``standardize`` z-scores each feature per layer over all points first
+    (constant features become 0). ``metric`` is ``"euclidean"`` or ``"cosine"`` (1 - cosine similarity; a
+    zero vector is at distance 1 from everything). Computed in float64 if ``X`` is float64, else float32.
+    """
+    Xt = _as_layers(X)
+    n_layers, n, _ = Xt.shape
+    y, classes = _encode_labels(labels, n)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    if k >= n:
+        raise ValueError(f"k={k} needs at least k+1 points; got n={n}")
+    if metric not in _METRICS:
+        raise ValueError(f"metric must be one of {_METRICS}; got {metric!r}")
+    dtype = torch.float64 if Xt.dtype == torch.float64 else torch.float32
+    y_t = torch.from_numpy(y)
+    preds = torch.empty(n_layers, n, dtype=torch.int64)
+    chunk = max(1, (1 << 24) // (n * n))  # bound the [chunk, n, n] distance block to ~64 MB in float32
+    for start in range(0, n_layers, chunk):
+        Z = Xt[start : start + chunk].to(dtype)
+        if standardize:
+            Z = _zscore(Z)
+        if metric == "cosine":
+            Z = Z / Z.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+            D = -(Z @ Z.mT)  # ranks like 1 - cos
+        else:
+            Z = Z - Z.mean(dim=-2, keepdim=True)  # translation-invariant; keeps the Gram trick accurate
+            sq = (Z * Z).sum(dim=-1)
+            D = (sq[:, :, None] + sq[:, None, :]).sub_(Z @ Z.mT, alpha=2.0).clamp_min_(0.0)
+        D.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
+        order = torch.sort(D, dim=-1, stable=True).indices[..., :k]
+        preds[start : start + chunk] = _knn_vote(y_t[order], len(classes))
+    pred = preds.numpy()
+    overall, per_concept = _recalls(pred, y, classes)
+    return KnnResult(overall, per_concept, pred, classes, int(k), metric, standardize)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cross-validated logistic probe
+
+
+def stratified_fold_ids(labels: Sequence[str], folds: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold index (0..folds-1) of each point: scikit-learn's ``StratifiedKFold(folds, shuffle=True,
+    random_state=seed)``, so the same folds can be rebuilt there."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y, classes = _encode_labels(labels, len(labels))
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2; got {folds!r}")
+    counts = np.bincount(y)
+    if counts.min() < folds:
+        small = classes[int(np.argmin(counts))]
+        raise ValueError(f"class {small!r} has only {counts.min()} points; need at least folds={folds}")
+    fold_ids = np.empty(len(y), dtype=np.int64)
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for f, (_, test) in enumerate(skf.split(np.zeros(len(y)), y)):
+        fold_ids[test] = f
+    return fold_ids
+
+
+class _ProbeBatch:
+    """All (layer, fold) multinomial logistic problems of a stack, evaluated together.
+
+    Per layer the features ``Z`` are centred (and, with ``standardize``, z-scored) over all points once: a
+    change of variables only, since each fold's own scaler is folded into its weights. Problem (l, f) is thus
+    exactly scikit-learn's ``StandardScaler`` + ``LogisticRegression`` on fold f's training rows, with
+    objective ``mean log-loss + ||W||^2 / (2 C n_f)`` (intercept unpenalised). Parameters of a problem are
+    stored class-major as [K, d + 1] (weights, then intercept); the logits of all folds of a layer come from
+    one [folds * K, d] x [d, n] product, laid out [folds, K, n] so that softmax runs along contiguous rows.
+    """
+
+    def __init__(
+        self, X: torch.Tensor, y: np.ndarray, fold_ids: np.ndarray, C: float, standardize: bool
+    ) -> None:
+        n_layers, n, d = X.shape
+        folds = int(fold_ids.max()) + 1
+        K = int(y.max()) + 1
+        self.d, self.K, self.folds, self.n = d, K, folds, n
+        self.Z = _zscore(X, dtype=torch.float32) if standardize else _center(X, dtype=torch.float32)
+        train = torch.from_numpy(fold_ids[None, :] != np.arange(folds)[:, None])  # [folds, n]
+        n_f = train.sum(dim=1).to(torch.float64)
+        Mn64 = train.to(torch.float64) / n_f[:, None]
+        self.Mn = Mn64.to(torch.float32)  # training-row weights 1 / n_f, [folds, n]
+        self.Mn64 = Mn64
+        self.lam = (1.0 / (C * n_f)).to(torch.float32).view(1, folds, 1, 1)
+        # Per-fold training mean / std of Z in float64, a few layers at a time.
+        self.mu = torch.empty(n_layers, folds, d)
+        self.sd = torch.ones(n_layers, folds, d)
+        step = max(1, (1 << 21) // (n * d))
+        for start in range(0, n_layers, step):
+            z = self.Z[start : start + step].to(torch.float64)
+            m1 = Mn64 @ z
+            self.mu[start : start + step] = m1
+            if standardize:
+                m2 = Mn64 @ z.square_()
+                var = (m2 - m1.square()).clamp_min_(0.0)
+                const = var <= 1e-10 * m2  # StandardScaler leaves (near-)constant features unscaled
+                self.sd[start : start + step] = torch.where(const, 1.0, var.sqrt())
+        self.y = torch.from_numpy(y)
+        self.onehot = F.one_hot(self.y, K).T.to(torch.float32).contiguous()  # [K, n]
+        self.fold_ids = torch.from_numpy(fold_ids)
+
+    def select(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views of the data of layers a..b-1."""
+        return self.Z[a:b], self.mu[a:b], self.sd[a:b]
+
+    def logits(self, theta: torch.Tensor, Z: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor) -> torch.Tensor:
+        """Logits [La, folds, K, n] of every point under every fold's probe; ``theta`` is [La, folds, D]."""
+        La, n, d = Z.shape
+        K, folds = self.K, self.folds
+        theta = theta.view(La, folds, K, d + 1)
+        Vt = theta[..., :d] / sd.unsqueeze(2)  # weights on the globally scaled features
+        c = theta[..., d : d + 1] - Vt @ mu.unsqueeze(-1)  # [La, folds, K, 1]
+        out = torch.baddbmm(c.view(La, folds * K, 1), Vt.view(La, folds * K, d), Z.mT)
+        return out.view(La, folds, K, n)
+
+    def loss_grad(
+        self, theta: torch.Tensor, Z: torch.Tensor, mu: torch.Tensor, sd: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objective [La, folds] (float64) and its gradient [La, folds, D]."""
+        La, n, d = Z.shape
+        K, folds = self.K, self.folds
+        Wt = theta.view(La, folds, K, d + 1)[..., :d]
+        logp = torch.log_softmax(self.logits(theta, Z, mu, sd), dim=2)
+        nll = -logp.gather(2, self.y.view(1, 1, 1, n).expand(La, folds, 1, n)).squeeze(2)
+        loss = (nll.to(torch.float64) * self.Mn64).sum(dim=-1)
+        sq = torch.linalg.vecdot(theta, theta) - torch.linalg.vecdot(b := theta.view(La, folds, K, d + 1)[..., d], b)
+        loss += (0.5 * self.lam.view(1, folds) * sq).to(torch.float64)
+        R = logp.exp_().sub_(self.onehot).mul_(self.Mn.view(1, folds, 1, n))  # d loss / d logits
+        Rsum = R.sum(dim=-1, keepdim=True)  # [La, folds, K, 1]
+        gWt = (R.view(La, folds * K, n) @ Z).view(La, folds, K, d)
+        gWt.addcmul_(Rsum, mu.unsqueeze(2), value=-1.0).div_(sd.unsqueeze(2)).addcmul_(self.lam, Wt)
+        return loss, torch.cat([gWt, Rsum], dim=-1).view(La, folds, K * (d + 1))
+
+
+def _runs(idx: list[int]) -> list[tuple[int, int]]:
+    """Sorted indices as half-open runs of consecutive values: [0, 1, 2, 5, 6] -> [(0, 3), (5, 7)]."""
+    runs: list[tuple[int, int]] = []
+    for i in idx:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vecdot(a, b)
+
+
+def _lbfgs(
+    fun: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    theta: torch.Tensor,
+    tol: float,
+    max_iter: int,
+    history: int,
+    max_ls: int = 25,
+) -> tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]:
+    """Batched L-BFGS over problems ``theta`` [L, folds, D] with per-problem Armijo backtracking.
+
+    ``fun(theta_active, active_layers)`` returns (loss [La, folds] float64, grad [La, folds, D]). A problem
+    stops once the largest absolute entry of its gradient is <= ``tol`` (scikit-learn's ``gtol``); a layer
+    leaves the batch once all its folds stopped. The first step of a problem is -g / ||g|| (as SciPy's
+    L-BFGS-B); later steps try 1 first. Returns the solution, iterations, converged flags and max |grad|.
+    """
+    L, folds = theta.shape[:2]
+    out = theta.clone()
+    n_iter = torch.zeros(L, folds, dtype=torch.int64)
+    gmax_out = torch.zeros(L, folds, dtype=torch.float64)
+    conv_out = torch.zeros(L, folds, dtype=torch.bool)
+    act = torch.arange(L)
+    f, g = fun(theta, act)
+    S: list[torch.Tensor] = []
+    Y: list[torch.Tensor] = []
+    RHO: list[torch.Tensor] = []
+    gamma = torch.zeros(L, folds)  # 0 until a problem has a curvature pair
+    iters = torch.zeros(L, folds, dtype=torch.int64)
+    stalled = torch.zeros(L, folds, dtype=torch.bool)
+
+    def gmax(grad: torch.Tensor) -> torch.Tensor:
+        return grad.abs().amax(dim=-1).to(torch.float64)
+
+    done = gmax(g) <= tol
+    for it in range(max_iter + 1):
+        finished = (done | stalled).all(dim=1)
+        if it == max_iter:
+            finished = torch.ones_like(finished)
+        if bool(finished.any()):
+            gl = act[finished]
+            out[gl], n_iter[gl], gmax_out[gl], conv_out[gl] = (
+                theta[finished], iters[finished], gmax(g[finished]), done[finished]
+            )
+            keep = ~finished
+            act, theta, f, g, done, stalled, iters, gamma = (
+                t[keep] for t in (act, theta, f, g, done, stalled, iters, gamma)
+            )
+            S, Y, RHO = [s[keep] for s in S], [y[keep] for y in Y], [r[keep] for r in RHO]
+            if act.numel() == 0:
+                break
+        live = ~(done | stalled)
+        # Two-loop recursion: direction = -H g with H0 = gamma * I; a pair with rho = 0 is inert.
+        q = g.clone()
+        alphas = []
+        for s, yv, rho in zip(reversed(S), reversed(Y), reversed(RHO), strict=True):
+            a = rho * _dot(s, q)
+            alphas.append(a)
+            q.sub_(a.unsqueeze(-1) * yv)
+        has_hist = gamma > 0
+        q.mul_(torch.where(has_hist, gamma, 1.0).unsqueeze(-1))
+        for s, yv, rho, a in zip(S, Y, RHO, reversed(alphas), strict=True):
+            q.add_((a - rho * _dot(yv, q)).unsqueeze(-1) * s)
+        direction = q.neg_()
+        gd = _dot(g, direction)
+        uphill = gd >= 0
+        if bool(uphill.any()):  # cannot happen in exact arithmetic; fall back to steepest descent
+            direction[uphill] = -g[uphill]
+            gd = torch.where(uphill, -_dot(g, g), gd)
+            has_hist = has_hist & ~uphill
+        dnorm = _dot(direction, direction).sqrt().clamp_min(1e-30)
+        step = torch.where(has_hist, torch.ones_like(dnorm), 1.0 / dnorm) * live
+        gd64 = gd.to(torch.float64)
+        for _ in range(max_ls):
+            theta_new = torch.addcmul(theta, step.unsqueeze(-1), direction)
+            f_new, g_new = fun(theta_new, act)
+            slack = 1e-6 * f.abs() + 1e-12  # float32 logits: ignore changes below rounding
+            ok = (f_new <= f + 1e-4 * step.to(torch.float64) * gd64 + slack) | ~live
+            if bool(ok.all()):
+                break
+            step = torch.where(ok, step, 0.5 * step)
+        accept = ok & live
+        stalled |= live & ~ok
+        s_new, y_new = theta_new - theta, g_new - g
+        sy, yy = _dot(s_new, y_new), _dot(y_new, y_new)
+        good = accept & (sy > 1e-10 * yy) & (yy > 0)
+        if not bool(good.all()):
+            s_new, y_new = s_new * good.unsqueeze(-1), y_new * good.unsqueeze(-1)
+        S.append(s_new)
+        Y.append(y_new)
+        RHO.append(torch.where(good, 1.0 / sy.clamp_min(1e-30), 0.0))
+        if len(S) > history:
+            S.pop(0), Y.pop(0), RHO.pop(0)
+        gamma = torch.where(good, sy / yy.clamp_min(1e-30), gamma)
+        if bool(accept.all()):
+            theta, g, f = theta_new, g_new, f_new
+        else:
+            a2 = accept.unsqueeze(-1)
+            theta, g, f = torch.where(a2, theta_new, theta), torch.where(a2, g_new, g), torch.where(accept, f_new, f)
+        iters += accept
+        done |= accept & (gmax(g) <= tol)
+    return out, n_iter.numpy(), conv_out.numpy(), gmax_out.numpy()
+
+
+def probe_accuracy(
+    X: Any,
+    labels: Sequence[str],
+    folds: int = 5,
+    seed: int = 0,
+    C: float = 1.0,
+    standardize: bool = True,
+    *,
+    tol: float = 1e-4,
+    max_iter: int = 1000,
+    history: int = 10,
+    fold_ids: np.ndarray | None = None,
+) -> ProbeResult:
+    """Cross-validated multinomial logistic-probe accuracy per layer.
+
+    Problem (layer l, fold f) is scikit-learn's ``make_pipeline(StandardScaler(), LogisticRegression(C=C))``
+    fitted on fold f's training rows (stratified folds from :func:`stratified_fold_ids`, or ``fold_ids``);
+    all layers and folds are solved together by a batched L-BFGS in torch (float32), stopping each problem
+    when the largest absolute gradient entry of ``mean log-loss + ||W||^2 / (2 C n_f)`` is <= ``tol``.
+    """
+    Xt = _as_layers(X)
+    n_layers, n, _ = Xt.shape
+    y, classes = _encode_labels(labels, n)
+    if not (np.isfinite(C) and C > 0):
+        raise ValueError(f"C must be a positive finite number; got {C!r}")
+    if fold_ids is None:
+        fold_ids = stratified_fold_ids(labels, folds, seed)
+    else:
+        fold_ids = np.asarray(fold_ids, dtype=np.int64)
+        if fold_ids.shape != (n,) or fold_ids.min() < 0:
+            raise ValueError(f"fold_ids must be {n} non-negative fold indices")
+        folds = int(fold_ids.max()) + 1
+        if folds < 2 or len(np.unique(fold_ids)) != folds:
+            raise ValueError("fold_ids must use every fold index 0..folds-1, with at least 2 folds")
+    batch = _ProbeBatch(Xt, y, fold_ids, C, standardize)
+    K, d = batch.K, batch.d
+
+    def fun(theta: torch.Tensor, layers: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Evaluate contiguous runs of active layers on views of Z: no copy of the data as layers finish.
+        out, pos = [], 0
+        for a, b in _runs(layers.tolist()):
+            out.append(batch.loss_grad(theta[pos : pos + b - a], *batch.select(a, b)))
+            pos += b - a
+        if len(out) == 1:
+            return out[0]
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+    theta0 = torch.zeros(n_layers, folds, K * (d + 1))
+    theta, n_iter, converged, grad_max = _lbfgs(fun, theta0, tol, max_iter, history)
+    pred = np.empty((n_layers, n), dtype=np.int64)
+    chunk = max(1, (1 << 22) // (n * folds * K))
+    for start in range(0, n_layers, chunk):
+        stop = min(start + chunk, n_layers)
+        logits = batch.logits(theta[start:stop], *batch.select(start, stop))
+        own = logits.permute(0, 3, 1, 2)[:, torch.arange(n), batch.fold_ids]  # under the probe that held it out
+        pred[start:stop] = own.argmax(dim=-1).numpy()
+    overall, per_concept = _recalls(pred, y, classes)
+    return ProbeResult(
+        overall, per_concept, classes, pred, fold_ids, n_iter, converged, grad_max, float(C), standardize
+    )
