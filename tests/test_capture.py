@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import FAMILIES, make_model, make_tokenizer
 
 from conceptprobe.capture import ResidualCapture, resolve_layers
 from conceptprobe.generation import capture_and_generate, encode, position_ids
 from conceptprobe.models.layers import final_norm
+from helpers import FAMILIES, make_model, make_tokenizer
 
 TEXTS = [
     "Input: the happy teacher painted\nOutput: teacher\nInput: she quickly ate\nOutput:",

@@ -8,11 +8,11 @@ import sys
 
 import pandas as pd
 import pytest
-from helpers import make_model, make_tokenizer
 from typer.testing import CliRunner
 
 from conceptprobe.cli import app
 from conceptprobe.store import METRIC_COLUMNS
+from helpers import make_model, make_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +67,22 @@ def test_batch_size_does_not_change_results(tiny_model_dir, tmp_path):
     frames = []
     for bs in ("1", "12"):
         out = tmp_path / f"bs{bs}"
-        invoke("run", "--model", str(tiny_model_dir), "--task", "pos", "--shots", "1", "--n", "6",
-               "--out", str(out), "--batch-size", bs, "--no-progress")
+        invoke(
+            "run",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "pos",
+            "--shots",
+            "1",
+            "--n",
+            "6",
+            "--out",
+            str(out),
+            "--batch-size",
+            bs,
+            "--no-progress",
+        )
         frames.append(pd.read_parquet(out / "metrics.parquet"))
     pd.testing.assert_frame_equal(frames[0], frames[1], atol=1e-6, check_exact=False)
 
@@ -76,12 +90,18 @@ def test_batch_size_does_not_change_results(tiny_model_dir, tmp_path):
 def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
     cases = [
         (["run", "--model", str(tiny_model_dir), "--task", "bitwse"], "did you mean 'bitwise'"),
-        (["run", "--model", "no-such-alias-xyz", "--task", "pos", "--out", str(tmp_path / "x")], "could not load"),
+        (
+            ["run", "--model", "no-such-alias-xyz", "--task", "pos", "--out", str(tmp_path / "x")],
+            "could not load",
+        ),
         (["run", "--task", "pos"], "no model given"),
     ]
     for args, expected in cases:
         proc = subprocess.run(
-            [sys.executable, "-m", "conceptprobe.cli", *args], capture_output=True, text=True, timeout=120,
+            [sys.executable, "-m", "conceptprobe.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
             env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
         )
         assert proc.returncode == 2, proc.stderr
@@ -91,18 +111,44 @@ def test_cli_errors_are_one_line(tiny_model_dir, tmp_path):
 
 def test_rerun_with_other_config_is_refused(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    invoke("run", "--model", str(tiny_model_dir), "--task", "bitwise", "--shots", "1", "--n", "5",
-           "--out", str(out), "--no-progress")
+    invoke(
+        "run",
+        "--model",
+        str(tiny_model_dir),
+        "--task",
+        "bitwise",
+        "--shots",
+        "1",
+        "--n",
+        "5",
+        "--out",
+        str(out),
+        "--no-progress",
+    )
     result = CliRunner().invoke(
-        app, ["run", "--model", str(tiny_model_dir), "--task", "bitwise", "--shots", "2", "--n", "5", "--out", str(out)]
+        app,
+        [
+            "run",
+            "--model",
+            str(tiny_model_dir),
+            "--task",
+            "bitwise",
+            "--shots",
+            "2",
+            "--n",
+            "5",
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code != 0
     assert "different config" in str(result.exception) and "shots" in str(result.exception)
 
 
 def test_tasks_and_models_commands(monkeypatch):
-    import conceptprobe.cli as cli
     from rich.console import Console
+
+    import conceptprobe.cli as cli
 
     monkeypatch.setattr(cli, "console", Console(width=250))
     out = invoke("tasks").output

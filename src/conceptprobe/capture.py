@@ -141,7 +141,9 @@ class ResidualCapture:
         """A copy of the captured rows of the last batch ``[batch, layers, positions, d]``."""
         if not self.complete():
             missing = sorted(set(range(len(self.layers))) - self._seen)
-            raise RuntimeError(f"layers {[self.layers[i] for i in missing]} were not captured in the last pass")
+            raise RuntimeError(
+                f"layers {[self.layers[i] for i in missing]} were not captured in the last pass"
+            )
         return self._buffer_view.clone()
 
 

@@ -30,7 +30,9 @@ class RunConfig(BaseModel):
     seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     layers: Literal["all"] | list[int] = "all"
-    positions: list[int] = Field(default_factory=lambda: [0], description="offsets from the token before the answer")
+    positions: list[int] = Field(
+        default_factory=lambda: [0], description="offsets from the token before the answer"
+    )
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int | None = Field(None, ge=1, description="default: longest answer in tokens + 2")
     knn_k: int = Field(10, ge=1)
@@ -45,7 +47,9 @@ class RunConfig(BaseModel):
     @classmethod
     def _positions(cls, value: list[int]) -> list[int]:
         if not value:
-            raise ValueError("positions must list at least one offset (0 = the token right before the answer)")
+            raise ValueError(
+                "positions must list at least one offset (0 = the token right before the answer)"
+            )
         if any(p > 0 for p in value):
             raise ValueError("positions are offsets <= 0 from the token right before the answer (0, -1, ...)")
         if len(set(value)) != len(value):
@@ -90,7 +94,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}")
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}"
+        )
     return data
 
 

@@ -7,6 +7,7 @@ done, so an interrupted run resumes where it stopped, recomputing nothing finish
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,14 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from conceptprobe import __version__
 from conceptprobe.capture import ResidualCapture, resolve_layers
@@ -44,7 +52,9 @@ def answer_matches(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def plan_prompts(config: RunConfig, tasks_dir: str | Path | None = None) -> tuple[ConceptTask, dict[str, list[Prompt]]]:
+def plan_prompts(
+    config: RunConfig, tasks_dir: str | Path | None = None
+) -> tuple[ConceptTask, dict[str, list[Prompt]]]:
     """The task and its prompts per concept (no model needed)."""
     task = get_task(config.task, tasks_dir=tasks_dir, **config.task_params)
     prompts = {
@@ -94,7 +104,10 @@ def collect(
     max_new = _max_new_tokens(config, loaded, prompts)
     total = sum(len(prompts[c]) for c in todo)
     dtype = torch.float32
-    with _progress(console, progress) as bar, ResidualCapture(loaded.model, layers=layers, dtype=dtype) as cap:
+    with (
+        _progress(console, progress) as bar,
+        ResidualCapture(loaded.model, layers=layers, dtype=dtype) as cap,
+    ):
         job = bar.add_task(f"{loaded.info.ref} · {config.task} · {config.shots}-shot", total=total)
         for concept in todo:
             items = prompts[concept]
@@ -148,7 +161,14 @@ def measure(
 
     def add(concept: str, layer: int | None, position: int | None, metric: str, value: float) -> None:
         rows.append(
-            {**base, "concept": concept, "layer": layer, "position": position, "metric": metric, "value": float(value)}
+            {
+                **base,
+                "concept": concept,
+                "layer": layer,
+                "position": position,
+                "metric": metric,
+                "value": float(value),
+            }
         )
 
     correct = pd.Series([p["correct"] for p in predictions], index=[p["concept"] for p in predictions])
@@ -184,7 +204,7 @@ def summary_table(frame: pd.DataFrame, position: int = 0) -> tuple[str, int]:
     knn = layer_rows[layer_rows["metric"] == "cd_knn"].set_index("layer")["value"].sort_index()
     probe = layer_rows[layer_rows["metric"] == "probe_accuracy"].set_index("layer")["value"].sort_index()
     peak = int(knn.index[decodability_peak(knn.to_numpy())])
-    console = Console(record=True, width=100, force_terminal=False, color_system=None)
+    console = Console(record=True, width=100, file=io.StringIO(), color_system=None)
     t1 = Table(title="Concept decodability per layer (all concepts)")
     t1.add_column("layer", justify="right")
     t1.add_column("cd_knn", justify="right")
@@ -192,7 +212,12 @@ def summary_table(frame: pd.DataFrame, position: int = 0) -> tuple[str, int]:
     t1.add_column("", justify="left")
     for layer in knn.index:
         mark = "◀ peak" if layer == peak else ""
-        t1.add_row(str(layer), f"{knn[layer]:.3f}", f"{probe[layer]:.3f}", ("█" * round(knn[layer] * 30)) + " " + mark)
+        t1.add_row(
+            str(layer),
+            f"{knn[layer]:.3f}",
+            f"{probe[layer]:.3f}",
+            ("█" * round(knn[layer] * 30)) + " " + mark,
+        )
     t2 = Table(title=f"Per concept: ICL accuracy, and decodability at the peak layer ({peak})")
     for col in ("concept", "icl_accuracy", "cd_knn", "probe"):
         t2.add_column(col, justify="right" if col != "concept" else "left")

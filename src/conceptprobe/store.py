@@ -17,6 +17,7 @@ the new one, never half of one. Nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -47,7 +48,16 @@ METRIC_COLUMNS = [
     "value",
     "seed",
 ]
-_VERSIONED = ("conceptprobe", "torch", "transformers", "numpy", "scikit-learn", "safetensors", "gguf", "tokenizers")
+_VERSIONED = (
+    "conceptprobe",
+    "torch",
+    "transformers",
+    "numpy",
+    "scikit-learn",
+    "safetensors",
+    "gguf",
+    "tokenizers",
+)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -68,10 +78,8 @@ def atomic_write_text(path: Path, text: str) -> None:
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in _VERSIONED:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
-        except PackageNotFoundError:
-            pass
     return out
 
 
@@ -141,7 +149,8 @@ class RunStore:
             if not self.overwrite:
                 old = previous.get("config", {})
                 diff = sorted(
-                    k for k in set(old) | set(self.config.model_dump(mode="json"))
+                    k
+                    for k in set(old) | set(self.config.model_dump(mode="json"))
                     if k not in ("batch_size", "save_activations")
                     and old.get(k) != self.config.model_dump(mode="json").get(k)
                 )
@@ -244,7 +253,9 @@ def read_metrics(folder: str | Path) -> pd.DataFrame:
     """The metrics of a run folder, with a clear error if the run is incomplete."""
     path = Path(folder) / "metrics.parquet"
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no metrics.parquet: the run is incomplete or this is not a run folder")
+        raise FileNotFoundError(
+            f"{folder} has no metrics.parquet: the run is incomplete or this is not a run folder"
+        )
     return pd.read_parquet(path)
 
 

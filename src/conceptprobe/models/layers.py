@@ -37,7 +37,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "Phi3ForCausalLM": _DECODER,
     "OlmoForCausalLM": _DECODER,
     "Olmo2ForCausalLM": _DECODER,
-    "GPT2LMHeadModel": ArchitectureSpec(base="transformer", layers="transformer.h", final_norm="ln_f", embed="wte"),
+    "GPT2LMHeadModel": ArchitectureSpec(
+        base="transformer", layers="transformer.h", final_norm="ln_f", embed="wte"
+    ),
 }
 
 _MODEL_TYPES: dict[str, str] = {

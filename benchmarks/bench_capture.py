@@ -1,0 +1,167 @@
+"""Capture overhead, generation cost and memory, measured side by side in one run (issue: Performance).
+
+    python benchmarks/bench_capture.py [--model smollm2-135m] [--dtype float32] [--quick]
+
+Prints tokens/s of each variant divided by tokens/s of the floor (decoder-only forward + lm_head on the
+gathered rows), with variants interleaved round-robin so machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from conceptprobe.capture import ResidualCapture
+from conceptprobe.generation import capture_and_generate, encode, position_ids
+from conceptprobe.models import load_model
+from conceptprobe.models.layers import base_model, logits_from_hidden
+from conceptprobe.prompts import build_prompts
+from conceptprobe.tasks import get_task
+
+
+def prompts_for(n: int, shots: int) -> list[str]:
+    task = get_task("pos")
+    out: list[str] = []
+    for concept in task.concepts:
+        out += [p.text for p in build_prompts(task, concept, shots, max(1, n // len(task.concepts) + 1), seed=0)]
+    return out[:n]
+
+
+def variants(lm, batches) -> dict[str, Callable[[], None]]:
+    model, body = lm.model, base_model(lm.model)
+
+    def floor() -> None:
+        for b in batches:
+            out = body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+            logits_from_hidden(model, out.last_hidden_state[:, -1, :])
+
+    cap = ResidualCapture(model)
+
+    def ours() -> None:
+        with cap:
+            for b in batches:
+                cap.set_positions(b.last_index.unsqueeze(1))
+                out = body(
+                    input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask)
+                )
+                logits_from_hidden(model, out.last_hidden_state[:, -1, :])
+                cap.take()
+
+    def hf_hidden_states() -> None:
+        for b in batches:
+            out = model(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=position_ids(b.attention_mask),
+                output_hidden_states=True,
+            )
+            torch.stack([h[:, -1, :] for h in out.hidden_states], 1).cpu()
+
+    def plain_full_logits() -> None:
+        for b in batches:
+            model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+
+    return {"floor": floor, "ours": ours, "hf_output_hidden_states": hf_hidden_states, "plain_full_logits": plain_full_logits}
+
+
+def bench_overhead(lm, n: int, batch_size: int, shots: int, repeats: int) -> dict[str, float]:
+    texts = prompts_for(n, shots)
+    batches = [encode(lm.tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    tokens = sum(int(b.attention_mask.sum()) for b in batches)
+    fns = variants(lm, batches)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.inference_mode():
+        for fn in fns.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n## Capture overhead ({lm.info.ref}, {lm.info.dtype}, {len(texts)} prompts, {tokens} tokens, "
+          f"batch {batch_size}, median of {repeats})")
+    print("| variant | s | tokens/s | ratio to floor |\n|---|---|---|---|")
+    for k, v in med.items():
+        print(f"| {k} | {v:.2f} | {tokens / v:.0f} | {med['floor'] / v:.3f} |")
+    return {k: med["floor"] / v for k, v in med.items()}
+
+
+def bench_generation(lm, n: int, batch_size: int, shots: int) -> None:
+    texts = prompts_for(n, shots)
+    batches = [encode(lm.tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    body = base_model(lm.model)
+    with torch.inference_mode(), ResidualCapture(lm.model) as cap:
+        capture_and_generate(lm.model, lm.tokenizer, batches[0], cap, [0], 4)  # warm-up
+        t = time.perf_counter()
+        for b in batches:
+            body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for b in batches:
+            capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], 4)
+        full = time.perf_counter() - t
+    print(f"\n## Generation ({len(texts)} prompts, 4 new tokens max, KV cache reused)")
+    print("| | s per prompt | ratio |\n|---|---|---|")
+    print(f"| prefill only | {prefill / len(texts):.4f} | 1.00 |")
+    print(f"| capture + greedy answer | {full / len(texts):.4f} | {full / prefill:.2f} |")
+
+
+def _memory_child(model: str, dtype: str, n: int, shots: int, batch_size: int) -> None:
+    lm = load_model(model, dtype)
+    texts = prompts_for(n, shots)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode(), ResidualCapture(lm.model) as cap:
+        acts = []
+        for i in range(0, len(texts), batch_size):
+            b = encode(lm.tokenizer, texts[i : i + batch_size])
+            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], 0)
+            acts.append(got)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    seq = encode(lm.tokenizer, texts[:1]).input_ids.shape[1]
+    print(json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base / 1024, "peak_mb": peak / 1024}))
+
+
+def bench_memory(model: str, dtype: str, batch_size: int, quick: bool) -> None:
+    print(f"\n## Peak RSS ({model}, {dtype}, batch {batch_size}; one process per row)")
+    print("| prompts | shots | tokens/prompt | RSS after load MB | peak RSS MB | growth MB |\n|---|---|---|---|---|---|")
+    grid = [(32, 2), (32, 8)] if quick else [(64, 4), (64, 10), (128, 4), (128, 10)]
+    for n, shots in grid:
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", json.dumps([model, dtype, n, shots, batch_size])],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        print(f"| {n} | {shots} | {r['seq']} | {r['after_load_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{r['peak_mb'] - r['after_load_mb']:.0f} |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
+    ap.add_argument("--memory-child")
+    args = ap.parse_args()
+    if args.memory_child:
+        _memory_child(*json.loads(args.memory_child))
+        return
+    torch.manual_seed(0)
+    lm = load_model(args.model, args.dtype)
+    n, repeats = (16, 1) if args.quick else (128, 5)
+    print(f"# bench_capture: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    bench_overhead(lm, n, 16, 4, repeats)
+    bench_generation(lm, n, 16, 4)
+    bench_memory(args.model, args.dtype, 16, args.quick)
+
+
+if __name__ == "__main__":
+    main()
