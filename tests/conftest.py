@@ -12,3 +12,12 @@ from helpers import set_seed  # noqa: E402
 def _seeded():
     set_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny models gain nothing from threads, and oversubscribed cores make them 10-50x slower."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -53,9 +52,7 @@ def run(
     seed: int | None = typer.Option(None, "--seed", help="Seed for prompt sampling and probe folds [0]."),
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [float32]."),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
-    batch_size: int | None = typer.Option(
-        None, "--batch-size", "-b", help="Prompts per forward pass [16]."
-    ),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder [results/runs/<model>_<task>_...]."
@@ -149,17 +146,22 @@ def list_models() -> None:
 
 
 def _register_groups() -> None:
-    from conceptprobe.commands import induction_cmds
+    from conceptprobe.commands import induction_cmds, plan_cmds, report_cmds, sweep_cmds
 
-    induction_cmds.register(app)
+    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds):
+        group.register(app)
+
+
+_register_groups()
 
 
 def main() -> None:
     """Entry point: one-line errors (exit 2) unless --debug."""
-    with contextlib.suppress(ImportError):  # a command group still being written must not break the CLI
-        _register_groups()
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
+        if rc == 130:
+            raise KeyboardInterrupt
+        sys.exit(rc if isinstance(rc, int) else 0)
     except SystemExit as exc:
         sys.exit(exc.code)
     except KeyboardInterrupt:
@@ -172,7 +174,8 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+            err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+            sys.exit(130)
         if _DEBUG["on"] or "--debug" in sys.argv:
             raise
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__

@@ -136,6 +136,9 @@ class RunStore:
         """Check the folder against this config; returns the previous run.json when resuming."""
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"output path {self.folder} exists and is not a folder; choose another --out")
+        if self.folder.is_dir():  # temporaries of a killed writer are never results
+            for tmp in self.folder.rglob(".*.tmp*"):
+                tmp.unlink(missing_ok=True)
         previous = self.read_run_json()
         if previous is None:
             if self.folder.is_dir() and any(self.folder.iterdir()) and not self.overwrite:

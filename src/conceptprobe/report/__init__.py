@@ -1,0 +1,18 @@
+"""The comparison report: ``conceptprobe report PATH ... --out report.html``.
+
+:func:`build_report` collects complete run folders under the paths (:mod:`.collect`), recomputes the
+comparison table and CD-vs-accuracy fits from ``metrics.parquet`` (:mod:`.stats`), draws the figures
+(:mod:`.figures`, UMAPs in :mod:`.embedding`) and writes one self-contained HTML file plus a Markdown
+summary and PNG figures beside it (:mod:`.render`).
+"""
+
+from conceptprobe.report.collect import ReportData, ReportError, RunInfo, collect, find_run_folders
+
+__all__ = ["ReportData", "ReportError", "RunInfo", "build_report", "collect", "find_run_folders"]
+
+
+def build_report(*args, **kwargs):  # noqa: ANN002, ANN003 - forwards to render.build_report
+    """See :func:`conceptprobe.report.render.build_report` (imported lazily: it pulls in matplotlib)."""
+    from conceptprobe.report.render import build_report as _build
+
+    return _build(*args, **kwargs)

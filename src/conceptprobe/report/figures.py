@@ -1,0 +1,305 @@
+"""The report's figures (matplotlib, Agg backend), returned as PNG bytes.
+
+Colours: one per model (ordered by size) and one per concept (in the task's concept order, ``null``
+always grey), the same in every figure.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg", force=False)
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from conceptprobe.report.stats import NULL_CONCEPT, Fit  # noqa: E402
+
+_TAB10 = [plt.get_cmap("tab10")(i) for i in range(10)]
+_CONCEPT_BASE = [_TAB10[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
+_NULL_GREY = "#9a9a9a"
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+DPI = 110
+
+_STYLE = {
+    "font.size": 9,
+    "axes.titlesize": 9.5,
+    "axes.labelsize": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.25,
+    "grid.linewidth": 0.6,
+    "legend.frameon": False,
+    "figure.facecolor": "white",
+}
+
+
+def model_colors(models: Sequence[str]) -> dict[str, tuple]:
+    """A colour per model label, in the given order (tab10, then tab20)."""
+    cmap = _TAB10 if len(models) <= 10 else [plt.get_cmap("tab20")(i % 20) for i in range(len(models))]
+    return {m: cmap[i % len(cmap)] for i, m in enumerate(models)}
+
+
+def concept_colors(concepts: Sequence[str]) -> dict[str, object]:
+    """A colour per concept in task order; ``null`` grey."""
+    real = [c for c in concepts if c != NULL_CONCEPT]
+    base = _CONCEPT_BASE if len(real) <= len(_CONCEPT_BASE) else [plt.get_cmap("tab20")(i) for i in range(20)]
+    out: dict[str, object] = {c: base[i % len(base)] for i, c in enumerate(real)}
+    out[NULL_CONCEPT] = _NULL_GREY
+    return out
+
+
+def to_png(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes (and closed)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _legend_top(
+    fig: Figure, handles: list, labels: list[str], ncol: int | None = None, y: float = 1.0
+) -> None:
+    fig.legend(
+        handles,
+        labels,
+        loc="lower center",
+        bbox_to_anchor=(0.5, y),
+        ncol=ncol or min(len(labels), 8),
+        handlelength=1.6,
+        columnspacing=1.4,
+        fontsize=9,
+    )
+
+
+def _shots_title(shots: int) -> str:
+    return f"{shots}-shot"
+
+
+def decodability_vs_layer(
+    curves: pd.DataFrame,
+    peak: pd.DataFrame,
+    models: Sequence[str],
+    shots: Sequence[int],
+    colors: dict[str, tuple],
+    chance: float,
+) -> Figure:
+    """Overall k-NN decodability per layer, a line per model, per shots value: by absolute layer and by
+    relative depth (two rows; side by side when there is one shots value)."""
+    with plt.rc_context(_STYLE):
+        single = len(shots) == 1
+        nrow, ncol = (1, 2) if single else (2, len(shots))
+        fig, axes = plt.subplots(
+            nrow, ncol, figsize=(3.4 * ncol + 0.4, 2.5 * nrow), squeeze=False, sharey=True
+        )
+        for j, k in enumerate(shots):
+            for row, xcol in enumerate(("layer", "rel_layer")):
+                ax = axes[0, row] if single else axes[row, j]
+                for m in models:
+                    c = curves[(curves["model"] == m) & (curves["shots"] == k)]
+                    if c.empty:
+                        continue
+                    ax.plot(c[xcol], c["value"], color=colors[m], lw=1.6, label=m)
+                    p = peak[(peak["model"] == m) & (peak["shots"] == k)]
+                    if not p.empty:
+                        px = p["peak_layer"].iloc[0] if xcol == "layer" else p["peak_rel"].iloc[0]
+                        ax.plot(
+                            [px], [p["peak_cd"].iloc[0]], "o", ms=5, color=colors[m], mec="white", mew=0.8
+                        )
+                ax.axhline(chance, color="0.5", lw=0.8, ls=":")
+                ax.set_ylim(0, 1.02)
+                if row == 0 or single:
+                    ax.set_title(_shots_title(k))
+                if row == 0:
+                    ax.set_xlabel("layer")
+                    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                else:
+                    ax.set_xlabel("relative depth (layer / n_layers)")
+                    ax.set_xlim(-0.02, 1.02)
+                if (j == 0 and not single) or (single and row == 0):
+                    ax.set_ylabel("decodability (k-NN)")
+        handles = [Line2D([], [], color=colors[m], lw=2) for m in models]
+        handles.append(Line2D([], [], color="0.5", lw=0.8, ls=":"))
+        fig.tight_layout(h_pad=1.2)
+        _legend_top(fig, handles, [*models, "chance"])
+        return fig
+
+
+def _scatter_panel(
+    ax, pts: pd.DataFrame, f: Fit, ccolors: dict, marker_of: dict[int, str] | None = None
+) -> None:
+    for _, r in pts.iterrows():
+        mk = marker_of.get(int(r["shots"]), "o") if marker_of else "o"
+        ax.scatter(
+            r["cd"],
+            r["acc"],
+            s=34,
+            color=ccolors.get(r["concept"], "k"),
+            marker=mk,
+            edgecolor="white",
+            linewidth=0.6,
+            zorder=3,
+        )
+    if not np.isnan(f.r2):
+        xs = np.linspace(float(pts["cd"].min()), float(pts["cd"].max()), 20)  # the line over the data only
+        ax.plot(xs, f.slope * xs + f.intercept, color="0.25", lw=1, ls="--", zorder=2)
+    ax.text(
+        0.03,
+        0.97,
+        f.label(),
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=8.5,
+        bbox={"boxstyle": "round,pad=0.25", "fc": "white", "ec": "0.8", "alpha": 0.9},
+    )
+    ax.set_xlim(-0.03, 1.03)
+    ax.set_ylim(-0.03, 1.03)
+
+
+def cd_vs_accuracy(
+    points: pd.DataFrame,
+    fits: dict[tuple[str, int | str], Fit],
+    peak: pd.DataFrame,
+    models: Sequence[str],
+    shots: Sequence[int],
+    ccolors: dict[str, object],
+    pooled: bool,
+) -> Figure:
+    """Per-concept decodability at the peak layer vs ICL accuracy: a row per model, a column per shots."""
+    cols: list[int | str] = [*shots, "pooled"] if pooled else list(shots)
+    marker_of = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(shots)}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(
+            len(models),
+            len(cols),
+            figsize=(2.9 * len(cols) + 0.6, 2.7 * len(models) + 0.3),
+            squeeze=False,
+            sharex=True,
+            sharey=True,
+        )
+        for i, m in enumerate(models):
+            for j, k in enumerate(cols):
+                ax = axes[i, j]
+                if k == "pooled":
+                    pts = points[points["model"] == m]
+                    title = "pooled over shots"
+                else:
+                    pts = points[(points["model"] == m) & (points["shots"] == k)]
+                    p = peak[(peak["model"] == m) & (peak["shots"] == k)]
+                    title = _shots_title(int(k)) + (
+                        f" · layer {int(p['peak_layer'].iloc[0])}" if not p.empty else ""
+                    )
+                f = fits.get((m, k))
+                if pts.empty or f is None:
+                    why = "one shots value" if k == "pooled" and not pts.empty else "no run"
+                    ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="0.5")
+                else:
+                    _scatter_panel(ax, pts, f, ccolors, marker_of if k == "pooled" else None)
+                ax.set_title(title, fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(f"{m}\nICL accuracy")
+                if i == len(models) - 1:
+                    ax.set_xlabel("decodability at peak layer")
+        present = [c for c in ccolors if c in set(points["concept"])]
+        handles = [Line2D([], [], ls="", marker="o", ms=7, color=ccolors[c]) for c in present]
+        labels = list(present)
+        if pooled:
+            handles += [Line2D([], [], ls="", marker=marker_of[k], ms=6, color="0.35") for k in shots]
+            labels += [_shots_title(k) for k in shots]
+        fig.tight_layout(h_pad=1.0)
+        _legend_top(fig, handles, labels, ncol=min(len(labels), 10))
+        return fig
+
+
+def umap_grid(
+    embeddings: dict[tuple[str, int], tuple[np.ndarray, np.ndarray] | str],
+    titles: dict[tuple[str, int], str],
+    models: Sequence[str],
+    shots: Sequence[int],
+    ccolors: dict[str, object],
+) -> Figure:
+    """UMAP panels, a row per model and a column per shots value, points coloured by concept."""
+    with plt.rc_context({**_STYLE, "axes.grid": False}):
+        fig, axes = plt.subplots(
+            len(models), len(shots), figsize=(2.8 * len(shots) + 0.6, 2.7 * len(models) + 0.3), squeeze=False
+        )
+        seen: set[str] = set()
+        for i, m in enumerate(models):
+            for j, k in enumerate(shots):
+                ax = axes[i, j]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                for side in ("top", "right", "left", "bottom"):
+                    ax.spines[side].set_visible(True)
+                    ax.spines[side].set_color("0.85")
+                got = embeddings.get((m, k), "no run")
+                ax.set_title(titles.get((m, k), _shots_title(k)), fontsize=9)
+                if j == 0:
+                    ax.set_ylabel(m)
+                if isinstance(got, str):
+                    ax.text(
+                        0.5,
+                        0.5,
+                        got,
+                        ha="center",
+                        va="center",
+                        transform=ax.transAxes,
+                        color="0.45",
+                        fontsize=8.5,
+                        wrap=True,
+                    )
+                    continue
+                emb, labels = got
+                size = float(np.clip(2500 / max(len(labels), 1), 5, 24))
+                for c in ccolors:
+                    sel = labels == c
+                    if sel.any():
+                        seen.add(c)
+                        ax.scatter(
+                            emb[sel, 0],
+                            emb[sel, 1],
+                            s=size,
+                            color=ccolors[c],
+                            alpha=0.85,
+                            linewidths=0,
+                            zorder=1 if c == NULL_CONCEPT else 2,
+                        )
+        present = [c for c in ccolors if c in seen]
+        fig.tight_layout(h_pad=0.8, w_pad=0.6)
+        if present:
+            handles = [Line2D([], [], ls="", marker="o", ms=7, color=ccolors[c]) for c in present]
+            _legend_top(fig, handles, present, ncol=min(len(present), 10))
+        return fig
+
+
+def vs_shots(table: pd.DataFrame, models: Sequence[str], colors: dict[str, tuple]) -> Figure:
+    """ICL accuracy and peak decodability against the number of shots, a line per model."""
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(8.2, 3.0), sharex=True)
+        shots = sorted(table["shots"].unique())
+        for ax, col, label in (
+            (axes[0], "icl_acc", "ICL accuracy (all prompts)"),
+            (axes[1], "peak_cd", "peak decodability (k-NN)"),
+        ):
+            for m in models:
+                t = table[table["model"] == m].sort_values("shots")
+                if t.empty:
+                    continue
+                ax.plot(t["shots"], t[col], "-o", color=colors[m], lw=1.6, ms=4.5, label=m)
+            ax.set_ylabel(label)
+            ax.set_xlabel("shots")
+            ax.set_ylim(0, 1.02)
+            ax.set_xticks(shots)
+        fig.tight_layout()
+        handles = [Line2D([], [], color=colors[m], lw=2, marker="o", ms=4.5) for m in models]
+        _legend_top(fig, handles, list(models))
+        return fig

@@ -1,0 +1,35 @@
+"""Sweeps: expand a config into units (model x task x shots x seed) and run them, resumably.
+
+``load_sweep_config`` -> :class:`SweepConfig`; ``expand`` -> :class:`SweepPlan` of :class:`Unit` s (no
+model loaded); ``run_sweep`` runs the plan in this process (each model loaded once).
+"""
+
+from conceptprobe.sweep.config import ModelEntry, SweepConfig, TaskEntry, apply_overrides, load_sweep_config
+from conceptprobe.sweep.plan import SweepPlan, Unit, UnitState, expand, plan_states, unit_state
+
+
+def __getattr__(name: str):  # the executor imports torch/transformers: only when asked for
+    if name in ("run_sweep", "SweepResult", "preflight", "model_problem"):
+        from conceptprobe.sweep import local
+
+        return getattr(local, name)
+    raise AttributeError(name)
+
+
+__all__ = [
+    "ModelEntry",
+    "SweepConfig",
+    "SweepPlan",
+    "SweepResult",
+    "TaskEntry",
+    "Unit",
+    "UnitState",
+    "apply_overrides",
+    "expand",
+    "load_sweep_config",
+    "model_problem",
+    "plan_states",
+    "preflight",
+    "run_sweep",
+    "unit_state",
+]

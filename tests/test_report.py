@@ -1,0 +1,324 @@
+"""The comparison report: collecting runs, the table vs metrics.parquet, R² statistics, HTML and Markdown.
+
+The run tree is real: ``conceptprobe.run.run`` on tiny random models of 2 families x 2 tasks x shots 1, 2
+(n=5 per concept), laid out as a sweep writes it. A random model answers nothing right, so the fixture then
+gives each concept a distinct ICL accuracy in ``metrics.parquet`` (the report reads nothing else for
+accuracy) so that R² is defined.
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import io
+import json
+import re
+import shutil
+import tempfile
+from functools import cache
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import typer
+from rich.console import Console
+from typer.testing import CliRunner
+
+from conceptprobe.report.collect import ReportError, collect, find_run_folders
+from conceptprobe.report.stats import bootstrap_r2, fit, r_squared
+from helpers import make_model, make_tokenizer
+
+FAMILIES = ("llama", "qwen2")
+TASKS = ("pos", "bitwise")
+SHOTS = (1, 2)
+
+
+@cache
+def run_tree() -> Path:
+    """``<tmp>/sweep/tiny-<family>/<task>_<shots>shot_seed0/`` run folders (built once per test process)."""
+    from conceptprobe.config import RunConfig
+    from conceptprobe.run import run
+
+    root = Path(tempfile.mkdtemp(prefix="cp-report-"))
+    atexit.register(shutil.rmtree, root, True)
+    quiet = Console(file=io.StringIO())
+    for family in FAMILIES:
+        model_dir = root / "models" / f"tiny-{family}"
+        make_model(family, layers=3).save_pretrained(model_dir)
+        make_tokenizer().save_pretrained(model_dir)
+        for task in TASKS:
+            for shots in SHOTS:
+                cfg = RunConfig(model=str(model_dir), task=task, shots=shots, n=5, max_new_tokens=1)
+                folder = root / "sweep" / f"tiny-{family}" / f"{task}_{shots}shot_seed0"
+                run(cfg, folder, progress=False, console=quiet)
+                _give_accuracies(folder, seed=len(family) * 10 + shots + (task == "pos"))
+    return root / "sweep"
+
+
+def _give_accuracies(folder: Path, seed: int) -> None:
+    metrics = pd.read_parquet(folder / "metrics.parquet")
+    acc = (metrics["metric"] == "icl_accuracy") & (metrics["concept"] != "all")
+    rng = np.random.default_rng(seed)
+    metrics.loc[acc, "value"] = rng.integers(0, 6, int(acc.sum())) / 5  # n=5 prompts per concept
+    metrics.loc[(metrics["metric"] == "icl_accuracy") & (metrics["concept"] == "all"), "value"] = metrics.loc[
+        acc, "value"
+    ].mean()
+    metrics.to_parquet(folder / "metrics.parquet", index=False)
+
+
+@cache
+def built_report() -> Path:
+    """The HTML report of :func:`run_tree` (UMAP included), built once per test process."""
+    from conceptprobe.report.render import build_report
+
+    out = run_tree().parent / "report" / "report.html"
+    build_report([run_tree()], out, cache=run_tree().parent / "umap-cache", n_boot=500)
+    return out
+
+
+class _Tables(HTMLParser):
+    """Cells of the comparison tables: {task: [{col: (text, data-value)}]}; and every <img> src."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[dict[str, tuple[str, dict]]]] = {}
+        self.images: list[str] = []
+        self._task: str | None = None
+        self._row: dict | None = None
+        self._cell: tuple[str, dict] | None = None
+        self._text: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        if tag == "table" and "comparison" in (a.get("class") or ""):
+            self._task = a["data-task"]
+            self.tables[self._task] = []
+        elif tag == "tr" and self._task:
+            self._row = {}
+        elif tag == "td" and self._row is not None:
+            self._cell, self._text = (a.get("data-col", ""), a), []
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None and self._row is not None:
+            self._row[self._cell[0]] = ("".join(self._text).strip(), self._cell[1])
+            self._cell = None
+        elif tag == "tr" and self._row:
+            assert self._task is not None
+            self.tables[self._task].append(self._row)
+            self._row = None
+        elif tag == "table":
+            self._task = None
+
+
+def parse(html_text: str) -> _Tables:
+    p = _Tables()
+    p.feed(html_text)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_collect_finds_every_run_of_a_tree():
+    tree = run_tree()
+    data = collect([tree])
+    assert len(data.runs) == len(FAMILIES) * len(TASKS) * len(SHOTS)
+    assert data.tasks == sorted(TASKS)
+    assert set(data.models["model"]) == {f"tiny-{f}" for f in FAMILIES}
+    assert data.shots() == list(SHOTS)
+    total = sum(len(pd.read_parquet(f / "metrics.parquet")) for f in find_run_folders(tree))
+    assert len(data.metrics) == total  # one position per run: nothing dropped, nothing doubled
+    assert data.metrics["rel_layer"].dropna().between(0, 1).all()
+    # a run folder itself, its run.json, and overlapping paths give each run once
+    one = tree / "tiny-llama" / "pos_1shot_seed0"
+    assert len(collect([one]).runs) == 1
+    assert len(collect([one / "run.json"]).runs) == 1
+    assert len(collect([tree, one]).runs) == len(data.runs)
+
+
+def test_collect_skips_incomplete_runs_with_a_note(tmp_path):
+    src = run_tree() / "tiny-qwen2"
+    dst = tmp_path / "tree"
+    shutil.copytree(src, dst / "tiny-qwen2", ignore=shutil.ignore_patterns("activations"))
+    record = json.loads((dst / "tiny-qwen2" / "pos_2shot_seed0" / "run.json").read_text())
+    record["status"] = "running"
+    (dst / "tiny-qwen2" / "pos_2shot_seed0" / "run.json").write_text(json.dumps(record))
+    data = collect([dst])
+    assert len(data.runs) == len(TASKS) * len(SHOTS) - 1
+    assert any("pos_2shot_seed0" in s and "not complete" in s for s in data.skipped)
+
+
+def test_table_matches_metrics_parquet():
+    html_text = built_report().read_text()
+    tables = parse(html_text).tables
+    assert set(tables) == set(TASKS)
+    checked = 0
+    for folder in find_run_folders(run_tree()):
+        record = json.loads((folder / "run.json").read_text())
+        m = pd.read_parquet(folder / "metrics.parquet")
+        m = m[m["position"].isna() | (m["position"] == 0)]
+        curve = m[(m.metric == "cd_knn") & (m.concept == "all")].sort_values("layer")
+        peak = int(curve["layer"].iloc[int(np.argmax(curve["value"].to_numpy()))])
+        assert peak == record["peak_layer"]
+        peak_cd = float(curve["value"].max())
+        acc_all = float(m[(m.metric == "icl_accuracy") & (m.concept == "all")]["value"].item())
+        concepts = [c for c in record["task"]["concepts"] if c != "null"]
+        at_peak = m[(m.metric == "cd_knn") & (m.layer == peak)].set_index("concept")["value"]
+        acc = m[m.metric == "icl_accuracy"].set_index("concept")["value"]
+        x, y = at_peak[concepts].to_numpy(), acc[concepts].to_numpy()
+        r2 = np.corrcoef(x, y)[0, 1] ** 2 if x.std() > 0 and y.std() > 0 else np.nan
+
+        label = folder.parent.name
+        rows = [
+            r
+            for r in tables[record["task"]["name"]]
+            if r["model"][0] == label and int(r["shots"][0]) == record["config"]["shots"]
+        ]
+        assert len(rows) == 1, (label, record["config"]["shots"])
+        row = rows[0]
+        value = {k: float(v[1]["data-value"]) for k, v in row.items() if "data-value" in v[1]}
+        assert value["peak_layer"] == peak and row["peak_layer"][0] == f"{peak} / 3"
+        assert value["n_layers"] == record["model"]["n_layers"] == 3
+        assert value["peak_rel"] == pytest.approx(peak / 3)
+        assert value["peak_cd"] == pytest.approx(peak_cd, abs=1e-12) and row["peak_cd"][0] == f"{peak_cd:.3f}"
+        assert value["icl_acc"] == pytest.approx(acc_all, abs=1e-12) and row["icl_acc"][0] == f"{acc_all:.3f}"
+        assert value["n_params"] == record["model"]["n_params"]
+        assert row["family"][0] == record["model"]["family"]
+        if np.isnan(r2):
+            assert np.isnan(value["r2"]) and row["r2"][0] == "n/a"
+        else:
+            assert value["r2"] == pytest.approx(r2, abs=1e-9)
+            assert row["r2"][0].startswith(f"{r2:.2f} [")
+            lo, hi = float(row["r2"][1]["data-lo"]), float(row["r2"][1]["data-hi"])
+            assert 0 <= lo <= hi <= 1
+        checked += 1
+    assert checked == len(FAMILIES) * len(TASKS) * len(SHOTS)
+
+
+def test_r2_and_bootstrap_on_known_cases():
+    x = np.linspace(0, 1, 8)
+    assert r_squared(x, 0.3 + 0.5 * x) == pytest.approx(1.0)
+    f = fit(x, 0.3 + 0.5 * x, seed=0)
+    assert f.r2 == pytest.approx(1.0) and f.slope == pytest.approx(0.5) and f.intercept == pytest.approx(0.3)
+    assert f.lo > 0.999 and f.hi == pytest.approx(1.0)  # every resample lies on the line
+
+    # no linear relation by construction: y is a parabola symmetric about mean(x), so r = 0 exactly
+    xs = np.linspace(-1, 1, 9)
+    f0 = fit(xs, xs**2, seed=0)
+    assert f0.r2 == pytest.approx(0.0, abs=1e-12) and f0.lo < 0.01 < f0.hi
+    rng = np.random.default_rng(0)
+    xn, yn = rng.random(300), rng.random(300)
+    fn = fit(xn, yn, seed=0)
+    assert fn.r2 < 0.03 and fn.lo < fn.r2 < fn.hi < 0.1
+    assert fit(xn, yn, seed=0) == fn  # seeded
+    assert bootstrap_r2(xn, yn, seed=1) != bootstrap_r2(xn, yn, seed=2)
+    xn, yn = xn[:40], yn[:40]
+
+    # strong but imperfect: interval brackets the estimate and excludes 0
+    yl = xn + rng.normal(0, 0.1, 40)
+    fl = fit(xn, yl, seed=0)
+    assert 0.8 < fl.r2 < 1 and fl.lo < fl.r2 < fl.hi and fl.lo > 0.6
+
+    # constant accuracy, decodability at the ceiling, or too few concepts: no R², and the reason said
+    assert np.isnan(r_squared(x, np.zeros_like(x)))
+    assert fit(x, np.zeros_like(x)).label() == "R² n/a (accuracy equal for all)"
+    assert fit(np.ones_like(x), x).label() == "R² n/a (decodability equal for all)"
+    assert np.isnan(r_squared(x[:2], x[:2])) and "< 3" in fit(x[:2], x[:2]).label()
+
+    # grouped bootstrap (shots pooled): concepts resampled with all their points
+    groups = np.repeat(np.arange(8), 3)
+    xg = np.tile(x, 3)
+    lo, hi, valid = bootstrap_r2(xg, 2 * xg + 1, groups=groups, n_boot=300, seed=0)
+    assert lo > 0.999 and valid == 300
+    lo_u, hi_u, _ = bootstrap_r2(
+        xg[:-1], 2 * xg[:-1], groups=groups[:-1], n_boot=200, seed=0
+    )  # unequal groups
+    assert lo_u > 0.999
+
+
+def test_html_is_self_contained_with_embedded_figures():
+    out = built_report()
+    text = out.read_text()
+    assert not re.search(r"https?://", text, re.IGNORECASE), "the report must not reference the network"
+    assert "<script" not in text.lower() and "<link" not in text.lower()
+    srcs = parse(text).images
+    # per task: decodability, CD vs accuracy, UMAP, vs shots
+    assert len(srcs) == 4 * len(TASKS)
+    for src in srcs:
+        assert src.startswith("data:image/png;base64,")
+        png = base64.b64decode(src.split(",", 1)[1])
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    for word in ("tiny-llama", "tiny-qwen2", "pos v1", "bitwise v1", "Comparison", "UMAP"):
+        assert word in text
+    assert "R² n/a" not in text  # accuracies vary in this tree: every fit is defined
+
+
+def test_markdown_and_figure_files_are_written():
+    out = built_report()
+    md = out.with_suffix(".md")
+    text = md.read_text()
+    assert text.startswith("# conceptprobe report")
+    links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
+    assert len(links) == 4 * len(TASKS)
+    for link in links:
+        assert (md.parent / link).is_file()
+    assert "| model | family | params |" in text and "tiny-qwen2" in text
+    assert sorted(p.name for p in (out.parent / "figures").iterdir()) == sorted(Path(x).name for x in links)
+
+
+def test_umap_is_skipped_with_a_note_when_activations_are_absent(tmp_path):
+    from conceptprobe.report.render import assemble
+
+    dst = tmp_path / "tree"
+    shutil.copytree(
+        run_tree() / "tiny-llama", dst / "tiny-llama", ignore=shutil.ignore_patterns("activations")
+    )
+    report = assemble(collect([dst]), n_boot=200, cache=None)
+    assert not [f for f in report.figures if f.section == "umap"]
+    assert any("UMAP skipped" in n and "no activations" in n for n in report.notes)
+    assert {f.section for f in report.figures} == {"decodability", "cd_vs_acc", "shots"}
+
+
+def _cli() -> typer.Typer:
+    from conceptprobe.commands.report_cmds import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def _root() -> None:
+        """Test app."""
+
+    register(app)
+    return app
+
+
+def test_cli_report_and_clear_errors(tmp_path):
+    out = tmp_path / "r" / "report.html"
+    result = CliRunner().invoke(
+        _cli(), ["report", str(run_tree()), "--out", str(out), "--no-umap", "--n-boot", "200"]
+    )
+    assert result.exit_code == 0, result.output
+    assert out.is_file() and out.with_suffix(".md").is_file()
+    assert "comparison" in result.output and "tiny-llama" in result.output
+
+    missing = tmp_path / "no-such-folder"
+    result = CliRunner().invoke(_cli(), ["report", str(missing), "--out", str(tmp_path / "x.html")])
+    assert result.exit_code != 0
+    assert isinstance(result.exception, ReportError) and "does not exist" in str(result.exception)
+
+    with pytest.raises(ReportError, match="no run folders"):
+        collect([tmp_path / "r"])  # a folder without runs
+    with pytest.raises(ReportError, match="is a file"):
+        collect([out])
+    with pytest.raises(ReportError, match="should name an .html file"):
+        from conceptprobe.report.render import build_report
+
+        build_report([run_tree()], tmp_path / "report.pdf")
