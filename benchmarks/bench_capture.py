@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -138,21 +137,34 @@ def bench_generation(lm, n: int, batch_size: int, shots: int) -> None:
     print(f"| capture + greedy answer | {full / len(texts):.4f} | {full / prefill:.2f} |")
 
 
+def _vm(key: str) -> float:
+    """A /proc/self/status memory field in MB (VmRSS, VmHWM)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
 def _memory_child(model: str, dtype: str, n: int, shots: int, batch_size: int) -> None:
+    import gc
+
     lm = load_model(model, dtype)
     texts = prompts_for(n, shots)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.inference_mode(), ResidualCapture(lm.model) as cap:  # page every weight in first
+        capture_and_generate(lm.model, lm.tokenizer, encode(lm.tokenizer, texts[:1]), cap, [0], 1)
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
+        fh.write("5")
+    base = _vm("VmRSS")
     with torch.inference_mode(), ResidualCapture(lm.model) as cap:
         acts = []
         for i in range(0, len(texts), batch_size):
             b = encode(lm.tokenizer, texts[i : i + batch_size])
-            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], 0)
+            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], 4)  # as a run does
             acts.append(got)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _vm("VmHWM")
     seq = encode(lm.tokenizer, texts[:1]).input_ids.shape[1]
-    print(
-        json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base / 1024, "peak_mb": peak / 1024})
-    )
+    print(json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base, "peak_mb": peak}))
 
 
 def bench_memory(model: str, dtype: str, batch_size: int, quick: bool) -> None:
