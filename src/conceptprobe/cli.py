@@ -61,13 +61,20 @@ def run(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace a run of a different config in --out."
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let a hub or folder model run its own Python code (off by default; only for code you trust).",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
-    """Run one model on one task: ICL accuracy and layerwise concept decodability."""
-    from conceptprobe.config import ConfigError, load_yaml, make_run_config
-    from conceptprobe.run import run as run_job
+    """Run one model on one task: ICL accuracy and layerwise concept decodability.
 
-    base = load_yaml(config) if config else {}
+    ``--config`` also takes a run folder's ``run.json``, to rerun exactly what it ran.
+    """
+    from conceptprobe.config import ConfigError, load_run_config_file, make_run_config
+
+    base = load_run_config_file(config) if config else {}
     source = str(config) if config else "command line"
     overrides = {
         "model": model,
@@ -79,6 +86,7 @@ def run(
         "layers": _layers_option(layers),
         "batch_size": batch_size,
         "knn_k": knn_k,
+        "trust_remote_code": True if trust_remote_code else None,
     }
     for required in ("model", "task"):
         if required not in base and overrides[required] is None:
@@ -86,6 +94,8 @@ def run(
                 f"{source}: no {required} given; pass --{required} or set `{required}:` in --config"
             )
     cfg = make_run_config(base, overrides, source)
+    from conceptprobe.run import run as run_job  # torch and transformers: only once the config is valid
+
     folder = out or _default_out(cfg.model, cfg.task, cfg.shots, cfg.seed)
     result = run_job(cfg, folder, overwrite=overwrite, tasks_dir=tasks_dir, progress=not no_progress)
     if result.resumed_concepts:
@@ -155,33 +165,79 @@ def _register_groups() -> None:
 _register_groups()
 
 
-def main() -> None:
-    """Entry point: one-line errors (exit 2) unless --debug."""
+_BUG_LIKE = (KeyError, IndexError, AttributeError, TypeError, AssertionError, NotImplementedError)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line the CLI prints for an error: its message (first line), with a fix where it is known."""
+    import errno
+
+    text = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else ""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and "rerun" not in text:
+        return f"{text or 'no space left on device'}; free disk space, then rerun the same command to resume"
+    if isinstance(exc, PermissionError) and "rerun" not in text:
+        return f"{text}; check the permissions of that path or choose another --out"
+    if isinstance(exc, _BUG_LIKE):
+        return f"{exc.__class__.__name__}: {text} (this looks like a bug; --debug shows where)"
+    return text or exc.__class__.__name__
+
+
+def _one_line_warnings() -> None:
+    """Show warnings (e.g. a skipped task plugin) as one ``warning:`` line each."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        err_console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
+
+    warnings.showwarning = show
+
+
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click/typer ``ClickException`` (usage errors, bad parameters), from click or typer's own copy."""
+    return any(cls.__name__ == "ClickException" for cls in type(exc).__mro__) and hasattr(exc, "exit_code")
+
+
+def run_cli(args: list[str] | None = None) -> int:
+    """Run the CLI on ``args`` (default ``sys.argv[1:]``) and return its exit code.
+
+    Errors are one line on stderr (exit 2; 130 when interrupted; click's usage errors keep their code);
+    with ``--debug`` (or ``$CONCEPTPROBE_DEBUG``) the exception propagates with its traceback.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    _DEBUG["on"] = "--debug" in args or bool(os.environ.get("CONCEPTPROBE_DEBUG"))
+    _one_line_warnings()
     try:
-        rc = app(standalone_mode=False)
+        rc = app(args=args, prog_name="conceptprobe", standalone_mode=False)
         if rc == 130:
             raise KeyboardInterrupt
-        sys.exit(rc if isinstance(rc, int) else 0)
+        return rc if isinstance(rc, int) else 0
     except SystemExit as exc:
-        sys.exit(exc.code)
-    except KeyboardInterrupt:
-        err_console.print("interrupted: finished concepts are saved; rerun the same command to resume")
-        sys.exit(130)
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except (KeyboardInterrupt, typer.Abort):
+        err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+        return 130
     except Exception as exc:  # noqa: BLE001 - the CLI's contract is one line per error
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            err_console.print("interrupted: finished work is saved; rerun the same command to resume")
-            sys.exit(130)
-        if _DEBUG["on"] or "--debug" in sys.argv:
+        if _is_usage_error(exc):  # click's (typer vendors its own click): bad flags and values
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+            line = " ".join(exc.format_message().split())  # type: ignore[attr-defined]
+            err_console.print(
+                f"error: {line}{hint}", style="bold red", highlight=False, markup=False, soft_wrap=True
+            )
+            return int(exc.exit_code)  # type: ignore[attr-defined]
+        if _DEBUG["on"]:
             raise
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        err_console.print(f"[bold red]error:[/] {message}", highlight=False)
-        err_console.print("(run with --debug for the traceback)", style="dim")
-        sys.exit(2)
+        from rich.text import Text
+
+        line = Text("error: ", style="bold red") + Text(f"{error_line(exc)} [--debug shows the traceback]")
+        err_console.print(line, highlight=False, soft_wrap=True)
+        return 2
+
+
+def main() -> None:
+    """Entry point: one-line errors (exit 2) unless --debug."""
+    sys.exit(run_cli())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -82,21 +83,54 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     return "; ".join(lines)
 
 
+def _unknown_key_hints(exc: ValidationError) -> str:
+    """For each unknown key: a near allowed name, if any, and the allowed keys of its mapping."""
+    hints = []
+    for err in exc.errors():
+        if err["type"] != "extra_forbidden":
+            continue
+        loc = err["loc"]
+        fields = (
+            PromptFormat.model_fields
+            if loc[0] == "prompt_format" and len(loc) == 2
+            else RunConfig.model_fields
+        )
+        close = difflib.get_close_matches(str(loc[-1]), list(fields), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        hints.append(f"{hint}allowed keys: {', '.join(fields)}")
+    return "; " + "; ".join(dict.fromkeys(hints)) if hints else ""
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML mapping, with errors naming the file and line."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder; pass a YAML file")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist; check the path")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (not UTF-8); pass a YAML config") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: malformed YAML: {exc}".replace("\n", " ")) from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}; fix the syntax there") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(
             f"{path}: the top level must be a mapping of keys to values, got {type(data).__name__}"
         )
+    return data
+
+
+def load_run_config_file(path: str | Path) -> dict[str, Any]:
+    """A run config mapping from a YAML file, or from a run folder's ``run.json`` (its ``config``)."""
+    data = load_yaml(path)
+    if isinstance(data.get("config"), dict) and "fingerprint" in data:
+        return dict(data["config"])  # a run.json: rerun exactly what it ran
     return data
 
 
@@ -107,4 +141,4 @@ def make_run_config(base: dict[str, Any], overrides: dict[str, Any], source: str
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source)) from None
+        raise ConfigError(_format_validation_error(exc, source) + _unknown_key_hints(exc)) from None

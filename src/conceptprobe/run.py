@@ -1,19 +1,22 @@
 """One run: task prompts -> model -> captured residual stream + greedy answers -> measures -> folder.
 
-Everything that can be checked before loading weights (config, task, concepts, prompts, output folder)
-is checked first. Each concept's captures and predictions are written as one shard as soon as it is
-done, so an interrupted run resumes where it stopped, recomputing nothing finished.
+Everything that can be checked before loading weights is checked first (:mod:`conceptprobe.validate`):
+config, task and prompts, output folder, model reference and layers; prompts against the context and
+position offsets right after the tokenizer, before the weights. Each concept's captures and predictions
+are written as one shard as soon as it is done, its sha256 recorded in ``run.json``; an interrupted run
+resumes where it stopped, recomputing nothing finished, and a complete run whose outputs match their
+checksums is not recomputed at all.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from rich.console import Console
@@ -27,15 +30,15 @@ from rich.progress import (
 )
 
 from conceptprobe import __version__
-from conceptprobe.capture import ResidualCapture, resolve_layers
+from conceptprobe.capture import ResidualCapture
 from conceptprobe.config import RunConfig
 from conceptprobe.generation import capture_and_generate, encode
 from conceptprobe.measures.decodability import decodability_peak, knn_decodability, probe_accuracy
 from conceptprobe.models import LoadedModel, load_model
-from conceptprobe.prompts import Prompt, build_prompts
-from conceptprobe.store import RunStore, git_revision, now, package_versions
-from conceptprobe.tasks import get_task
+from conceptprobe.prompts import Prompt
+from conceptprobe.store import RunStore, git_revision, now, package_versions, sha256_of
 from conceptprobe.tasks.base import ConceptTask
+from conceptprobe.validate import check_layers, check_model_ref, check_prompts, check_task
 
 
 @dataclass
@@ -55,13 +58,8 @@ def answer_matches(prediction: str, answer: str) -> bool:
 def plan_prompts(
     config: RunConfig, tasks_dir: str | Path | None = None
 ) -> tuple[ConceptTask, dict[str, list[Prompt]]]:
-    """The task and its prompts per concept (no model needed)."""
-    task = get_task(config.task, tasks_dir=tasks_dir, **config.task_params)
-    prompts = {
-        concept: build_prompts(task, concept, config.shots, config.n, config.seed, config.prompt_format)
-        for concept in task.concepts
-    }
-    return task, prompts
+    """The task and its prompts per concept (no model needed); problems are one-line ``ConfigError`` s."""
+    return check_task(config, tasks_dir)
 
 
 def _max_new_tokens(config: RunConfig, loaded: LoadedModel, prompts: dict[str, list[Prompt]]) -> int:
@@ -89,18 +87,44 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def collect(
     config: RunConfig,
-    loaded: LoadedModel,
+    loaded: LoadedModel | None,
     prompts: dict[str, list[Prompt]],
     store: RunStore,
     layers: list[int],
     console: Console,
     progress: bool = True,
+    record: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Capture and generate for every concept without a complete shard; returns the concepts resumed."""
-    resumed = [c for c in prompts if store.has_shard(c, len(prompts[c]), layers, config.positions)]
+    """Capture and generate for every concept without a complete shard; returns the concepts resumed.
+
+    With ``record`` (the run's ``run.json`` data), shards are verified against the checksums in its
+    ``shards`` mapping, and each new shard's checksum is added and ``run.json`` rewritten.
+    """
+    sums: dict[str, str] = record.setdefault("shards", {}) if record is not None else {}
+    resumed = []
+    for concept, items in prompts.items():
+        state = store.shard_state(concept, len(items), layers, config.positions, sums.get(concept))
+        if state == "complete":
+            resumed.append(concept)
+            if concept not in sums:  # killed between the shard's rename and its record
+                sums[concept] = sha256_of(store.shard_path(concept))
+        else:
+            sums.pop(concept, None)
+            if concept in store.corrupt:
+                why = store.corrupt.pop(concept)
+                console.print(
+                    f"warning: {store.shard_path(concept)} was corrupt: {why}; recomputing concept {concept!r}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
     todo = [c for c in prompts if c not in resumed]
     if not todo:
         return resumed
+    if loaded is None:
+        raise RuntimeError(f"concepts {todo} need computing but no model was loaded")
+    if record is not None:
+        store.write_run_json(record)
     max_new = _max_new_tokens(config, loaded, prompts)
     total = sum(len(prompts[c]) for c in todo)
     dtype = torch.float32
@@ -121,6 +145,13 @@ def collect(
                     loaded.model, loaded.tokenizer, batch, cap, config.positions, max_new
                 )
                 assert got is not None
+                if not torch.isfinite(got).all():  # stop at the first bad batch, not after the concept
+                    row, li = (~torch.isfinite(got)).nonzero()[0].tolist()[:2]
+                    raise FloatingPointError(
+                        f"NaN/inf in the activations of model {config.model} (concept {concept!r}, prompt "
+                        f"{items[idx[row]].index}, layer {layers[li]}, dtype {config.dtype}); the model is "
+                        "numerically unstable here: try --dtype float32, or check its weights"
+                    )
                 for j, i in enumerate(idx):
                     acts[i] = got[j]
                     p = items[i]
@@ -133,7 +164,10 @@ def collect(
                         "correct": answer_matches(texts[j], p.answer),
                     }
                 bar.advance(job, len(idx))
-            store.write_shard(concept, acts, preds, layers, config.positions)
+            sha = store.write_shard(concept, acts, preds, layers, config.positions)
+            if record is not None:
+                sums[concept] = sha
+                store.write_run_json(record)
     return resumed
 
 
@@ -242,18 +276,39 @@ def run(
     progress: bool = True,
     console: Console | None = None,
 ) -> RunResult:
-    """Run ``config`` into the folder ``out`` (resuming a previous run of the same config)."""
+    """Run ``config`` into the folder ``out`` (resuming a previous run of the same config).
+
+    Checks everything it can before loading weights. Without ``loaded``, a complete run whose outputs
+    match the checksums in its ``run.json`` is returned as it is, loading and recomputing nothing, and
+    a run whose shards are all complete recomputes its measures without loading the model.
+    """
     console = console or Console(stderr=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    task, prompts = plan_prompts(config, tasks_dir)
+    task, prompts = check_task(config, tasks_dir)
     store = RunStore(out, config, overwrite=overwrite)
-    previous = store.prepare()
-    if loaded is None:
-        loaded = load_model(config.model, config.dtype, trust_remote_code=config.trust_remote_code)
+    previous = store.check()
+    if loaded is None and previous is not None and not store.verify_outputs(previous):
+        return _stored_result(store, task)  # complete and verified (a caller passing a model wants it run)
+    model_info: dict[str, Any] | None = None
+    if loaded is None and _shards_complete(store, previous, prompts, config):
+        assert previous is not None  # only measures are missing: the model is not needed
+        model_info, layers = previous["model"], list(previous["layers"])
+    else:
+        if loaded is None:
+            loaded = _load_checked(config, prompts)
+        else:
+            check_prompts(
+                config,
+                loaded.tokenizer,
+                prompts,
+                getattr(loaded.model.config, "max_position_embeddings", None),
+                config.model,
+            )
+        layers = check_layers(config, loaded.info.n_layers, config.model)
+        model_info = loaded.info.to_dict()
     timings["load_s"] = round(time.perf_counter() - t0, 2)
-    layers = resolve_layers(loaded.info.n_layers, config.layers)
-    _check_positions(config, loaded, prompts)
+    previous = store.prepare()
     record: dict[str, Any] = {
         "conceptprobe": __version__,
         "status": "running",
@@ -261,26 +316,32 @@ def run(
         "updated": now(),
         "fingerprint": config.fingerprint(),
         "config": config.model_dump(mode="json"),
-        "model": loaded.info.to_dict(),
-        "task": task.info(),
+        "rerun": "conceptprobe run --config <this run.json> --out <folder>",
+        "model": model_info,
+        "model_files": model_files(loaded) if loaded is not None else (previous or {}).get("model_files"),
+        "task": {**task.info(), **task_source(config.task)},
         "layers": layers,
         "layer_convention": "0 = embeddings (input to decoder layer 0); i = output of decoder layer i-1, "
         "before the final norm",
         "versions": package_versions(),
         "git": git_revision(),
         "torch_threads": torch.get_num_threads(),
+        "shards": dict((previous or {}).get("shards") or {}),
     }
     store.write_run_json(record)
     t1 = time.perf_counter()
-    resumed = collect(config, loaded, prompts, store, layers, console, progress)
+    resumed = collect(config, loaded, prompts, store, layers, console, progress, record=record)
     timings["capture_generate_s"] = round(time.perf_counter() - t1, 2)
     t2 = time.perf_counter()
-    frame, predictions = measure(config, loaded.info.to_dict(), task, store, layers)
+    frame, predictions = measure(config, model_info, task, store, layers)
     timings["measures_s"] = round(time.perf_counter() - t2, 2)
-    store.write_metrics(frame)
-    store.write_predictions(predictions)
     table, peak = summary_table(frame, config.positions[0])
-    (store.folder / "table.txt").write_text(table)
+    outputs = {
+        "metrics.parquet": store.write_metrics(frame),
+        "predictions.jsonl": store.write_predictions(predictions),
+        "table.txt": store.write_table(table),
+    }
+    outputs.update({f"activations/{c}.safetensors": record["shards"][c] for c in task.concepts})
     timings["total_s"] = round(time.perf_counter() - t0, 2)
     record.update(
         status="complete",
@@ -289,23 +350,84 @@ def run(
         resumed_concepts=resumed,
         peak_layer=peak,
         n_prompts=len(predictions),
+        outputs=outputs,
     )
     store.write_run_json(record)
     return RunResult(Path(out), frame, predictions, table, resumed)
 
 
-def _check_positions(config: RunConfig, loaded: LoadedModel, prompts: dict[str, list[Prompt]]) -> None:
-    """Offsets must stay inside the shortest prompt; prompts must fit the model's context."""
-    tok = loaded.tokenizer
-    lengths = [len(tok(p.text)["input_ids"]) for ps in prompts.values() for p in ps]
-    shortest, longest = int(np.min(lengths)), int(np.max(lengths))
-    if -min(config.positions) >= shortest:
-        raise ValueError(
-            f"position offset {min(config.positions)} reaches before the start of the shortest prompt "
-            f"({shortest} tokens); use offsets > {-shortest}"
-        )
+def _load_checked(config: RunConfig, prompts: dict[str, list[Prompt]]) -> LoadedModel:
+    """Check the model reference and layers, load the tokenizer and check the prompts, then the weights."""
+    ref = check_model_ref(config.model, config.trust_remote_code)
+    if ref.n_layers is not None:
+        check_layers(config, ref.n_layers, config.model)
+    checked = []
+
+    def before_weights(tokenizer: Any) -> None:
+        check_prompts(config, tokenizer, prompts, ref.max_positions, config.model)
+        checked.append(True)
+
+    loaded = load_model(
+        config.model, config.dtype, trust_remote_code=config.trust_remote_code, on_tokenizer=before_weights
+    )
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit and longest > limit:
-        raise ValueError(
-            f"the longest prompt has {longest} tokens, more than the model's context of {limit}; use fewer --shots"
-        )
+    if not checked or (limit and limit != ref.max_positions):
+        check_prompts(config, loaded.tokenizer, prompts, limit, config.model)
+    return loaded
+
+
+def _shards_complete(
+    store: RunStore, previous: dict[str, Any] | None, prompts: dict[str, list[Prompt]], config: RunConfig
+) -> bool:
+    """Whether a previous run of this config left every shard complete (only its measures are missing)."""
+    if not previous or not isinstance(previous.get("model"), dict) or not previous.get("layers"):
+        return False
+    sums = previous.get("shards") or {}
+    layers = list(previous["layers"])
+    return all(
+        store.shard_state(c, len(ps), layers, config.positions, sums.get(c)) == "complete"
+        for c, ps in prompts.items()
+    )
+
+
+def _stored_result(store: RunStore, task: ConceptTask) -> RunResult:
+    """The result of a complete, verified run folder, read back (nothing is recomputed)."""
+    frame = pd.read_parquet(store.folder / "metrics.parquet")
+    lines = (store.folder / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines if line.strip()]
+    table = (store.folder / "table.txt").read_text()
+    return RunResult(store.folder, frame, predictions, table, list(task.concepts))
+
+
+def task_source(name: str) -> dict[str, Any]:
+    """Where the task came from (``builtin``, an entry point or a file) and the plugin file's sha256."""
+    from conceptprobe.tasks.registry import task_origin
+
+    origin = task_origin(name)
+    out: dict[str, Any] = {"origin": origin}
+    if origin.startswith("file "):
+        path = Path(origin.removeprefix("file "))
+        if path.is_file():
+            out["source_sha256"] = sha256_of(path)
+    return out
+
+
+_HASH_LIMIT = 8 << 30  # weights of local folders are hashed up to this total size (memoised by mtime)
+
+
+def model_files(loaded: LoadedModel) -> dict[str, Any]:
+    """sha256 of the model's files: the GGUF file, or a local folder's weights, config and tokenizer."""
+    info = loaded.info
+    if info.file_sha256:
+        return {Path(info.file or info.ref).name: info.file_sha256}
+    if info.source != "local" or not info.file:
+        return {"revision": info.revision}
+    from conceptprobe.models.load import _cached_sha
+
+    folder = Path(info.file)
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".json", ".model")
+    )
+    if sum(p.stat().st_size for p in files) > _HASH_LIMIT:
+        return {p.name: f"{p.stat().st_size} bytes (not hashed: folder over 8 GiB)" for p in files}
+    return {p.name: _cached_sha(p) for p in files}

@@ -11,29 +11,36 @@ Layout::
         tensor "activations" [n_prompts, n_layers, n_positions, d] (float32); metadata holds the
         layers, positions and the predictions of that concept (the unit of resumption)
 
-Every file is written to a temporary name and renamed, so a killed run leaves either the old file or
-the new one, never half of one. Nothing is pickled.
+Every file is written to a temporary name, fsync'd and renamed, so a killed run leaves either the old
+file or the new one, never half of one. ``run.json`` records the sha256 of each shard as it is written
+(``shards``) and, once the run is complete, of every output (``outputs``): a resumed run verifies them
+and recomputes only what is missing or corrupt. A write that fails (a full disk) removes its temporary
+file and raises :class:`StoreError` naming the file and the fix. Nothing is pickled.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
+import io
 import json
 import os
 import platform
+import re
+import struct
 import subprocess
 import time
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from conceptprobe.config import ConfigError, RunConfig
+
+if TYPE_CHECKING:  # torch, pandas and safetensors are imported where used: checking a folder needs none
+    import pandas as pd
+    import torch
 
 METRIC_COLUMNS = [
     "model",
@@ -60,19 +67,68 @@ _VERSIONED = (
 )
 
 
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+class StoreError(RuntimeError):
+    """A run folder could not be written (disk full, permissions); the message names the file and the fix."""
+
+
+def _write_failed(path: Path, exc: OSError) -> StoreError:
+    why = os.strerror(exc.errno) if exc.errno else str(exc)
+    fix = (
+        "free disk space or choose another --out"
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        else "check the folder's permissions or choose another --out"
+    )
+    return StoreError(
+        f"could not write {path}: {why} (errno {exc.errno}); {fix}, then rerun the same command: "
+        "finished work is kept and resumed"
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened or synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def temp_path(path: Path) -> Path:
+    """The temporary name ``path`` is written under before its rename (``.<name>.tmp<pid>``)."""
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and a rename (fsync'd)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` to ``path`` via a temporary file, fsync and a rename; on failure nothing is left."""
+    tmp = temp_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise _write_failed(path, exc) from exc
+    _fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def package_versions() -> dict[str, str]:
@@ -103,6 +159,37 @@ def git_revision() -> dict[str, Any] | None:
     return {"commit": rev, "dirty": bool(dirty)}
 
 
+OUTPUTS = ("metrics.parquet", "predictions.jsonl", "table.txt")
+
+
+def safetensors_bytes(name: str, tensor: torch.Tensor, metadata: dict[str, str]) -> bytes:
+    """One float32 tensor in the safetensors format, with a deterministic header (sorted keys).
+
+    ``safetensors.torch.save`` orders metadata by a per-process hash, so equal shards would differ in
+    bytes (and checksums) between processes; this writes the same simple format, reproducibly.
+    """
+    import numpy as np
+
+    array = np.ascontiguousarray(tensor.detach().to("cpu").float().numpy(), dtype="<f4")
+    data = array.tobytes()
+    header = {
+        "__metadata__": dict(sorted(metadata.items())),
+        name: {"dtype": "F32", "shape": list(array.shape), "data_offsets": [0, len(data)]},
+    }
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ between two config dumps (batch size and activation saving excluded)."""
+    return sorted(
+        k
+        for k in set(old) | set(new)
+        if k not in ("batch_size", "save_activations") and old.get(k) != new.get(k)
+    )
+
+
 class RunStore:
     """One run's folder. Refuses (with the fix) a folder holding a run of a different config."""
 
@@ -110,6 +197,8 @@ class RunStore:
         self.folder = Path(folder)
         self.config = config
         self.overwrite = overwrite
+        self._verified: dict[str, tuple[int, int, str | None]] = {}  # concept -> (mtime_ns, size, sha256)
+        self.corrupt: dict[str, str] = {}  # concept -> why its shard was deleted (reported by the run)
 
     @property
     def run_json(self) -> Path:
@@ -120,54 +209,77 @@ class RunStore:
         return self.folder / "activations"
 
     def shard_path(self, concept: str) -> Path:
+        if not _SAFE_NAME.match(concept):
+            raise ConfigError(
+                f"concept {concept!r} cannot name a file inside {self.shard_dir}: use letters, digits and "
+                ". _ + - only"
+            )
         return self.shard_dir / f"{concept}.safetensors"
 
     def read_run_json(self) -> dict[str, Any] | None:
         if not self.run_json.is_file():
             return None
         try:
-            return json.loads(self.run_json.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(self.run_json.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(
                 f"{self.run_json} is not valid JSON ({exc}); move the folder away or pass --overwrite"
             ) from None
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"{self.run_json} is not a run record; move the folder away or pass --overwrite"
+            )
+        return data
 
-    def prepare(self) -> dict[str, Any] | None:
-        """Check the folder against this config; returns the previous run.json when resuming."""
+    def check(self) -> dict[str, Any] | None:
+        """Check the folder against this config without changing anything; the previous run.json, if any.
+
+        With ``overwrite`` a folder of another config (or a non-run folder) is accepted (and returns None):
+        :meth:`prepare` clears it later, once everything else has been checked.
+        """
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"output path {self.folder} exists and is not a folder; choose another --out")
-        if self.folder.is_dir():  # temporaries of a killed writer are never results
-            for tmp in self.folder.rglob(".*.tmp*"):
-                tmp.unlink(missing_ok=True)
-        previous = self.read_run_json()
+        try:
+            previous = self.read_run_json()
+        except ConfigError:
+            if self.overwrite:
+                return None
+            raise
         if previous is None:
-            if self.folder.is_dir() and any(self.folder.iterdir()) and not self.overwrite:
-                stray = sorted(p.name for p in self.folder.iterdir())[:5]
+            stray = sorted(
+                p.name
+                for p in (self.folder.iterdir() if self.folder.is_dir() else ())
+                if ".tmp" not in p.name
+            )
+            if stray and not self.overwrite:
                 raise ConfigError(
-                    f"output folder {self.folder} is not empty and holds no run ({', '.join(stray)}); "
+                    f"output folder {self.folder} is not empty and holds no run ({', '.join(stray[:5])}); "
                     "choose another --out or pass --overwrite"
                 )
             return None
         if previous.get("fingerprint") != self.config.fingerprint():
             if not self.overwrite:
-                old = previous.get("config", {})
-                diff = sorted(
-                    k
-                    for k in set(old) | set(self.config.model_dump(mode="json"))
-                    if k not in ("batch_size", "save_activations")
-                    and old.get(k) != self.config.model_dump(mode="json").get(k)
-                )
+                diff = config_diff(previous.get("config") or {}, self.config.model_dump(mode="json"))
                 raise ConfigError(
                     f"output folder {self.folder} holds a run of a different config (differs in: "
                     f"{', '.join(diff) or 'fingerprint'}); choose another --out, or pass --overwrite to replace it"
                 )
-            self.clear()
             return None
         return previous
 
+    def prepare(self) -> dict[str, Any] | None:
+        """Check the folder, remove temporaries of killed writers, clear it where ``overwrite`` allows."""
+        previous = self.check()
+        if self.folder.is_dir():  # temporaries of a killed writer are never results
+            for tmp in self.folder.rglob(".*.tmp*"):
+                tmp.unlink(missing_ok=True)
+        if previous is None and self.overwrite and self.folder.is_dir():
+            self.clear()
+        return previous
+
     def clear(self) -> None:
-        for path in (self.run_json, self.folder / "metrics.parquet", self.folder / "predictions.jsonl"):
-            path.unlink(missing_ok=True)
+        for name in ("run.json", *OUTPUTS):
+            (self.folder / name).unlink(missing_ok=True)
         if self.shard_dir.is_dir():
             for shard in self.shard_dir.glob("*.safetensors"):
                 shard.unlink()
@@ -175,25 +287,48 @@ class RunStore:
     def write_run_json(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.run_json, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
-    def has_shard(self, concept: str, n: int, layers: list[int], positions: list[int]) -> bool:
-        """Whether a complete, readable shard for ``concept`` exists (a corrupt one is deleted)."""
+    def shard_state(
+        self, concept: str, n: int, layers: list[int], positions: list[int], sha256: str | None = None
+    ) -> str:
+        """``complete``, ``missing`` or ``corrupt: <why>`` (a corrupt shard is deleted).
+
+        With ``sha256`` (recorded when the shard was written) the file must match it; without (a kill
+        between the shard's rename and the record) it must parse and have the expected shape.
+        """
         path = self.shard_path(concept)
         if not path.is_file():
-            return False
-        try:
-            acts, meta = self.read_shard(concept)
-        except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError):
-            path.unlink(missing_ok=True)
-            return False
-        ok = (
-            acts.shape[0] == n
-            and meta["layers"] == layers
-            and meta["positions"] == positions
-            and len(meta["predictions"]) == n
-        )
-        if not ok:
-            path.unlink(missing_ok=True)
-        return ok
+            return "missing"
+        stat = path.stat()
+        if self._verified.get(concept) == (stat.st_mtime_ns, stat.st_size, sha256):
+            return "complete"  # verified already by this process, unchanged since
+        from safetensors import SafetensorError
+
+        why = None
+        if sha256 is not None and sha256_of(path) != sha256:
+            why = "checksum mismatch"
+        else:
+            try:
+                acts, meta = self.read_shard(concept)
+            except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
+                why = f"unreadable ({exc.__class__.__name__})"
+            else:
+                if not (
+                    acts.shape[0] == n
+                    and meta["layers"] == layers
+                    and meta["positions"] == positions
+                    and len(meta["predictions"]) == n
+                ):
+                    why = "wrong shape or layers"
+        if why is None:
+            self._verified[concept] = (stat.st_mtime_ns, stat.st_size, sha256)
+            return "complete"
+        path.unlink(missing_ok=True)
+        self.corrupt[concept] = why
+        return f"corrupt: {why}"
+
+    def has_shard(self, concept: str, n: int, layers: list[int], positions: list[int]) -> bool:
+        """Whether a complete, readable shard for ``concept`` exists (a corrupt one is deleted)."""
+        return self.shard_state(concept, n, layers, positions) == "complete"
 
     def write_shard(
         self,
@@ -202,30 +337,31 @@ class RunStore:
         predictions: list[dict[str, Any]],
         layers: list[int],
         positions: list[int],
-    ) -> None:
+    ) -> str:
+        """Write a concept's shard atomically; returns its sha256."""
+        import torch
+
         if not torch.isfinite(activations).all():
             bad = (~torch.isfinite(activations)).nonzero()[0].tolist()
             raise FloatingPointError(
                 f"NaN/inf in captured activations of concept {concept!r} (prompt {bad[0]}, layer "
                 f"{layers[bad[1]]}); try --dtype float32, the model is numerically unstable in this dtype"
             )
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
         path = self.shard_path(concept)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         meta = {
             "concept": concept,
             "layers": json.dumps(layers),
             "positions": json.dumps(positions),
             "predictions": json.dumps(predictions),
         }
-        save_file({"activations": activations.contiguous()}, str(tmp), metadata=meta)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        data = safetensors_bytes("activations", activations, meta)
+        atomic_write_bytes(path, data)
+        return hashlib.sha256(data).hexdigest()
 
     def read_shard(self, concept: str) -> tuple[torch.Tensor, dict[str, Any]]:
         path = self.shard_path(concept)
         from safetensors import safe_open
+        from safetensors.torch import load_file
 
         with safe_open(str(path), framework="pt") as fh:
             raw = fh.metadata() or {}
@@ -238,18 +374,41 @@ class RunStore:
         }
         return acts, meta
 
-    def write_metrics(self, frame: pd.DataFrame) -> None:
+    def write_metrics(self, frame: pd.DataFrame) -> str:
+        """Write ``metrics.parquet`` (deterministic bytes for equal frames); returns its sha256."""
         missing = [c for c in METRIC_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"metrics frame lacks columns {missing}")
         frame = frame[METRIC_COLUMNS + [c for c in frame.columns if c not in METRIC_COLUMNS]]
-        tmp = self.folder / f".metrics.parquet.tmp{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.folder / "metrics.parquet")
+        buf = io.BytesIO()
+        frame.to_parquet(buf, index=False)
+        return self._write("metrics.parquet", buf.getvalue())
 
-    def write_predictions(self, rows: Iterable[dict[str, Any]]) -> None:
+    def write_predictions(self, rows: Iterable[dict[str, Any]]) -> str:
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        atomic_write_text(self.folder / "predictions.jsonl", text)
+        return self._write("predictions.jsonl", text.encode())
+
+    def write_table(self, table: str) -> str:
+        return self._write("table.txt", table.encode())
+
+    def _write(self, name: str, data: bytes) -> str:
+        atomic_write_bytes(self.folder / name, data)
+        return hashlib.sha256(data).hexdigest()
+
+    def verify_outputs(self, record: dict[str, Any]) -> list[str]:
+        """Problems with a complete run's outputs against the checksums in its ``run.json`` (empty = fine)."""
+        outputs = record.get("outputs")
+        if record.get("status") != "complete" or not isinstance(outputs, dict) or not outputs:
+            return ["the run is not complete"]
+        problems = []
+        for rel, expected in outputs.items():
+            path = self.folder / rel
+            if not path.is_file():
+                if not rel.startswith("activations/"):  # shards may be deleted on purpose to save space
+                    problems.append(f"{rel} is missing")
+            elif sha256_of(path) != expected:
+                problems.append(f"{rel} is corrupt (checksum mismatch)")
+        return problems
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:
@@ -259,6 +418,8 @@ def read_metrics(folder: str | Path) -> pd.DataFrame:
         raise FileNotFoundError(
             f"{folder} has no metrics.parquet: the run is incomplete or this is not a run folder"
         )
+    import pandas as pd
+
     return pd.read_parquet(path)
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,21 +92,57 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
     model.is_quantized = False
 
 
-def _load_gguf(path: Path, sha: str, dtype: torch.dtype, use_cache: bool, **kwargs: Any):
+TokenizerHook = Callable[[PreTrainedTokenizerBase], None]
+
+
+def _tokenizer_ready(tok: PreTrainedTokenizerBase, ref: str, hook: TokenizerHook | None) -> None:
+    """Prepare the tokenizer and run the caller's checks on it, before any weight is loaded."""
+    try:
+        prepare_tokenizer(tok)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"model {ref}: {exc}") from None
+    if hook is not None:
+        hook(tok)
+
+
+def _load_gguf(
+    path: Path,
+    sha: str,
+    dtype: torch.dtype,
+    use_cache: bool,
+    on_tokenizer: TokenizerHook | None = None,
+    ref: str = "",
+    **kwargs: Any,
+):
     """Load a GGUF file through transformers, via (or into) the safetensors cache."""
     cached = cache_dir() / "hf" / f"{path.stem}-{sha[:16]}"
     marker = cached / "conceptprobe-cache.json"
     if use_cache and marker.is_file():
         try:
             tok = AutoTokenizer.from_pretrained(cached)
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)
-            return model, tok
         except Exception as exc:  # a broken cache is rebuilt, not fatal
             log.warning("model cache %s unreadable (%s); rebuilding it from the GGUF file", cached, exc)
+        else:
+            _tokenizer_ready(tok, ref or str(path), on_tokenizer)
+            try:
+                model = AutoModelForCausalLM.from_pretrained(
+                    cached, dtype=dtype, use_safetensors=True, **kwargs
+                )
+                return model, tok
+            except Exception as exc:  # a broken cache is rebuilt, not fatal
+                log.warning("model cache %s unreadable (%s); rebuilding it from the GGUF file", cached, exc)
+                on_tokenizer = None  # checked already
     if not path.is_file():
         raise ModelLoadError(f"GGUF file {path} does not exist")
     try:
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:
+        raise ModelLoadError(
+            f"could not read the tokenizer of GGUF file {path}: {exc}. Check the file is complete (size, "
+            "sha256) and that the `gguf` package is installed."
+        ) from exc
+    _tokenizer_ready(tok, ref or str(path), on_tokenizer)
+    try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(
@@ -130,7 +167,7 @@ def _load_gguf(path: Path, sha: str, dtype: torch.dtype, use_cache: bool, **kwar
             log.warning("could not write the model cache %s (%s); loading will stay slow", cached, exc)
     if dtype != torch.float32 or kwargs:
         if kwargs and use_cache and marker.is_file():
-            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(cached, dtype=dtype, use_safetensors=True, **kwargs)
         else:
             model = model.to(dtype)
     return model, tok
@@ -149,6 +186,7 @@ def load_model(
     quantize: str | None = None,
     offload_folder: str | Path | None = None,
     check_memory: bool = False,
+    on_tokenizer: TokenizerHook | None = None,
 ) -> LoadedModel:
     """Load ``ref``: a packaged alias (``smollm2-135m``), a ``.gguf`` file, a local folder or a hub id.
 
@@ -158,6 +196,9 @@ def load_model(
     in ``dtype``, or LLM.int8) and refuses first, loading nothing, where bitsandbytes or a CUDA GPU is
     missing. ``check_memory`` plans the load from the config first (``conceptprobe.models.plan``) and
     refuses one that does not fit this machine's free GPU memory (or ``max_memory``).
+    ``on_tokenizer`` is called with the prepared tokenizer before any weight is loaded (to check prompts
+    against it). ``trust_remote_code`` stays False unless the caller passes True; weights are read from
+    safetensors or GGUF only (never unpickled).
     """
     torch_dtype = resolve_dtype(dtype)
     kwargs: dict[str, Any] = {}
@@ -199,14 +240,14 @@ def load_model(
         spec = PACKAGED[ref]
         path = gguf_path(spec)
         sha = gguf_sha256(spec) if spec.chunks else _cached_sha(path)
-        model, tok = _load_gguf(path, sha, torch_dtype, use_cache, **kwargs)
+        model, tok = _load_gguf(path, sha, torch_dtype, use_cache, on_tokenizer, ref, **kwargs)
         source, file = "packaged", str(path)
     elif ref.endswith(".gguf"):
         path = Path(ref).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {ref} does not exist; check the path")
         sha = _cached_sha(path)
-        model, tok = _load_gguf(path.resolve(), sha, torch_dtype, use_cache, **kwargs)
+        model, tok = _load_gguf(path.resolve(), sha, torch_dtype, use_cache, on_tokenizer, ref, **kwargs)
         source, file = "gguf", str(path.resolve())
     elif Path(ref).expanduser().is_dir():
         folder = Path(ref).expanduser()
@@ -217,15 +258,22 @@ def load_model(
                 f"folder {folder} has no config.json, so it is not a transformers model.{hint}"
             )
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        _tokenizer_ready(tok, ref, on_tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, **kwargs
+            folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
         )
         source, file = "local", str(folder.resolve())
     else:
         try:
             tok = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+            _tokenizer_ready(tok, ref, on_tokenizer)
             model = AutoModelForCausalLM.from_pretrained(
-                ref, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code, **kwargs
+                ref,
+                dtype=torch_dtype,
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=True,
+                **kwargs,
             )
         except OSError as exc:
             known = ", ".join(PACKAGED)
@@ -236,7 +284,6 @@ def load_model(
             ) from exc
         source = "hub"
     model.eval()
-    prepare_tokenizer(tok)
     arch = architecture_name(model)
     n_layers = len(decoder_layers(model))
     info = ModelInfo(

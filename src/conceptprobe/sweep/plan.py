@@ -180,6 +180,11 @@ def unit_state(unit: Unit, metrics_sha256: str | None = None) -> UnitState:
             "conflict", f"a run of another config (differs in: {', '.join(diff) or 'fingerprint'})"
         )
     metrics = folder / "metrics.parquet"
+    if record.get("status") == "complete" and isinstance(record.get("outputs"), dict):
+        from conceptprobe.store import RunStore  # the run's own completion marker: checksums of its outputs
+
+        problems = RunStore(folder, unit.config).verify_outputs(record)
+        return UnitState("partial", "; ".join(problems)) if problems else UnitState("complete")
     if record.get("status") == "complete" and metrics.is_file():
         if metrics_sha256 is not None:
             ok = file_sha256(metrics) == metrics_sha256

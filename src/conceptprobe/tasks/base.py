@@ -31,6 +31,7 @@ class ConceptTask(ABC):
     version: ClassVar[str] = "1"
     concepts: ClassVar[tuple[str, ...]]
     description: ClassVar[str] = ""
+    min_shots: ClassVar[int] = 0  # fewest demonstrations a prompt may have (runs with fewer are refused)
 
     def __init__(self, **params: Any) -> None:
         self.params: dict[str, Any] = dict(params)

@@ -21,7 +21,7 @@ from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask
 
 ENTRY_POINT_GROUP = "conceptprobe.tasks"
 TASKS_DIR_ENV = "CONCEPTPROBE_TASKS_DIR"
-_BUILTIN_MODULES = ("conceptprobe.tasks.pos", "conceptprobe.tasks.bitwise")
+_BUILTIN_MODULES = ("conceptprobe.tasks.pos", "conceptprobe.tasks.bitwise", "conceptprobe.tasks.synthetic")
 
 _REGISTRY: dict[str, type[ConceptTask]] = {}
 _ORIGIN: dict[str, str] = {}
@@ -29,6 +29,7 @@ _current_origin: str | None = None  # the plugin being loaded, if any
 _builtins_loaded = False
 _entry_points_loaded = False
 _folders_loaded: set[Path] = set()
+_FAILED: dict[str, str] = {}  # plugin origin -> why it was skipped (named by "unknown task" errors)
 
 
 class UnknownTaskError(KeyError):
@@ -105,6 +106,7 @@ def _load_with_origin(origin: str, loader) -> None:
         for name in set(_REGISTRY) - before:  # nor leave half of itself registered
             del _REGISTRY[name]
             del _ORIGIN[name]
+        _FAILED[origin] = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
         warnings.warn(
             f"task plugin {origin} failed to load and is skipped: {exc!r}", PluginWarning, stacklevel=3
         )
@@ -205,10 +207,11 @@ def get_task_class(name: str, tasks_dir: str | Path | None = None) -> type[Conce
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=3, cutoff=0.5)
         hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        failed = "".join(f" Plugin {origin} failed to load ({why})." for origin, why in _FAILED.items())
         raise UnknownTaskError(
             f"unknown task {name!r}.{hint} Known tasks: {', '.join(sorted(_REGISTRY))} "
             "(`conceptprobe tasks` lists them; plugins go in ./tasks or the "
-            f"{ENTRY_POINT_GROUP!r} entry points)."
+            f"{ENTRY_POINT_GROUP!r} entry points).{failed}"
         )
     return _REGISTRY[name]
 
