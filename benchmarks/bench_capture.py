@@ -201,6 +201,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
+    ap.add_argument("--n", type=int, default=128, help="prompts per measurement")
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--memory-child")
     args = ap.parse_args()
     if args.memory_child:
@@ -208,7 +210,7 @@ def main() -> None:
         return
     torch.manual_seed(0)
     lm = load_model(args.model, args.dtype)
-    n, repeats = (16, 1) if args.quick else (128, 5)
+    n, repeats = (16, 1) if args.quick else (args.n, args.repeats)
     print(f"# bench_capture: torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_overhead(lm, n, 16, 4, repeats)
     bench_generation(lm, n, 16, 4)
