@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -139,7 +140,7 @@ def bench_generation(lm, n: int, batch_size: int, shots: int) -> None:
 
 def _vm(key: str) -> float:
     """A /proc/self/status memory field in MB (VmRSS, VmHWM)."""
-    for line in open("/proc/self/status"):
+    for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(key + ":"):
             return int(line.split()[1]) / 1024
     raise KeyError(key)

@@ -156,9 +156,16 @@ def list_models() -> None:
 
 
 def _register_groups() -> None:
-    from conceptprobe.commands import induction_cmds, plan_cmds, report_cmds, sweep_cmds
+    from conceptprobe.commands import (
+        causal_cmds,
+        induction_cmds,
+        plan_cmds,
+        report_cmds,
+        sweep_cmds,
+        train_cmds,
+    )
 
-    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds):
+    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds, causal_cmds, train_cmds):
         group.register(app)
 
 

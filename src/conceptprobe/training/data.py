@@ -5,11 +5,12 @@ orthonormal basis ``B_z`` of ``rank`` directions in ``R^dim``; concepts are mutu
 ``overlap = 0`` (concept ``z`` uses directions ``z * (rank - overlap) .. z * (rank - overlap) + rank - 1``, so
 consecutive concepts share ``overlap`` directions). Directions are the coordinate axes (``basis="sparse"``:
 ``W`` is sparse, the paper's masking) or the columns of a seeded random rotation (``basis="rotated"``).
-A sequence of concept ``z``: ``w ~ N(0, I_rank / rank)``, ``W = B_z w``, ``K = n_examples`` inputs
+A sequence of concept ``z``: ``w ~ N(0, I_rank / rank)`` (``coef="positive"``: ``|w|``, so the
+concept shows in first-order statistics ``E[x y]``), ``W = B_z w``, ``K = n_examples`` inputs
 ``x_i ~ N(0, I_dim)`` and targets ``y_i = W^T x_i + eps``, ``eps ~ N(0, noise_std^2)``, so
 ``Var y = 1 + noise_std^2`` and predicting 0 has loss 1. ``null``: ``y ~ N(0, 1)`` independent of ``x``.
 The model sees ``2K`` tokens of ``dim + 1`` channels, ``x``-tokens ``(x_i, 0)`` and ``y``-tokens
-``(0, y_i)``, and predicts ``y_i`` at the ``x_i`` token (even positions ``0, 2, ..``); the position
+``(0, y_i)`` (Garg et al.'s format; ``y_tokens="xy"``: ``(x_i, y_i)``), and predicts ``y_i`` at the ``x_i`` token (even positions ``0, 2, ..``); the position
 right before predicting the last ``y`` is ``2K - 2``.
 
 **Repeated segments** (induction heads, Olsson et al. 2022). Token 0 is BOS, tokens ``1 .. vocab_size - 1``
@@ -60,6 +61,7 @@ class RegressionSpec:
     weights: tuple[float, ...] | None = None
     null_weight: float = 0.0
     y_tokens: Literal["y", "xy"] = "y"
+    coef: Literal["gaussian", "positive"] = "gaussian"
 
     def __post_init__(self) -> None:
         if self.dim < 1 or self.rank < 1 or self.n_bases < 1 or self.n_examples < 1:
@@ -72,6 +74,10 @@ class RegressionSpec:
                 f"{self.n_bases} bases of rank {self.rank} with overlap {self.overlap} need {need} "
                 f"directions but dim is {self.dim}; raise dim or overlap, or lower n_bases or rank"
             )
+        if self.coef not in ("gaussian", "positive"):
+            raise ValueError(f"coef must be 'gaussian' or 'positive'; got {self.coef!r}")
+        if self.y_tokens not in ("y", "xy"):
+            raise ValueError(f"y_tokens must be 'y' or 'xy'; got {self.y_tokens!r}")
         if self.basis not in ("sparse", "rotated"):
             raise ValueError(f"basis must be 'sparse' or 'rotated'; got {self.basis!r}")
         if self.weights is not None and (
@@ -153,6 +159,8 @@ def sample_regression(
     b = len(concepts)
     x = rng.standard_normal((b, spec.n_examples, spec.dim))
     coef = rng.standard_normal((b, spec.rank)) / np.sqrt(spec.rank)
+    if spec.coef == "positive":
+        coef = np.abs(coef)
     null = concepts < 0
     W = np.einsum("bdr,br->bd", bases[np.where(null, 0, concepts)], coef)
     W[null] = 0.0
