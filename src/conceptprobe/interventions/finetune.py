@@ -361,6 +361,14 @@ def run_finetune(
     model, tok = loaded.model, loaded.tokenizer
     n_layers = len(decoder_layers(model))
     conditions = {spec: parse_layer_spec(spec, n_layers) for spec in cfg.specs()}
+    specs = list(conditions)
+    for i, a in enumerate(specs):
+        for b in specs[i + 1 :]:
+            shared = sorted(set(conditions[a]) & set(conditions[b]))
+            if shared:
+                console.print(
+                    f"[yellow]note:[/] {a} and {b} share decoder layers {shared} of this {n_layers}-layer model"
+                )
     examples = tokenize_examples(tok, train_prompts, cfg.prompt_format)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     timings: dict[str, Any] = {"load_s": round(time.perf_counter() - t0, 2)}
