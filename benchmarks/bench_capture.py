@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from conceptprobe.batching import plan_batches
 from conceptprobe.capture import ResidualCapture
 from conceptprobe.generation import capture_and_generate, encode, position_ids
 from conceptprobe.models import load_model
@@ -146,7 +147,9 @@ def _vm(key: str) -> float:
     raise KeyError(key)
 
 
-def _memory_child(model: str, dtype: str, n: int, shots: int, batch_size: int) -> None:
+def _memory_child(
+    model: str, dtype: str, n: int, shots: int, batch_size: int, max_tokens: int | None
+) -> None:
     import gc
 
     lm = load_model(model, dtype)
@@ -157,44 +160,84 @@ def _memory_child(model: str, dtype: str, n: int, shots: int, batch_size: int) -
     with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM) to the current RSS
         fh.write("5")
     base = _vm("VmRSS")
+    new_tokens = 4
+    lengths = [len(ids) for ids in lm.tokenizer(texts)["input_ids"]]
+    batches = plan_batches(lengths, batch_size, max_tokens, extra=new_tokens)  # as a run batches
     with torch.inference_mode(), ResidualCapture(lm.model) as cap:
         acts = []
-        for i in range(0, len(texts), batch_size):
-            b = encode(lm.tokenizer, texts[i : i + batch_size])
-            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], 4)  # as a run does
+        for idx in batches:
+            b = encode(lm.tokenizer, [texts[i] for i in idx])
+            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], new_tokens)  # as a run does
             acts.append(got)
     peak = _vm("VmHWM")
-    seq = encode(lm.tokenizer, texts[:1]).input_ids.shape[1]
-    print(json.dumps({"n": n, "shots": shots, "seq": seq, "after_load_mb": base, "peak_mb": peak}))
-
-
-def bench_memory(model: str, dtype: str, batch_size: int, quick: bool) -> None:
-    print(f"\n## Peak RSS ({model}, {dtype}, batch {batch_size}; one process per row)")
+    seq = round(statistics.mean(lengths))
+    rows = max(len(b) for b in batches)
     print(
-        "| prompts | shots | tokens/prompt | RSS after load MB | peak RSS MB | growth MB |\n|---|---|---|---|---|---|"
+        json.dumps({"n": n, "shots": shots, "seq": seq, "rows": rows, "after_load_mb": base, "peak_mb": peak})
     )
+
+
+def bench_memory(lm, model: str, dtype: str, batch_size: int, quick: bool, max_tokens: int) -> None:
+    cfg = lm_config(lm)
+    # one decoder layer's activations for one batch at the longer length (residual in/out, attention
+    # q/k/v/o, MLP gate/up/act): what the target allows doubling the length to add
+    print(f"\n## Peak RSS ({model}, {dtype}; one process per row)")
     grid = [(32, 2), (32, 8)] if quick else [(64, 4), (64, 10), (128, 4), (128, 10)]
-    for n, shots in grid:
-        out = (
-            subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--memory-child",
-                    json.dumps([model, dtype, n, shots, batch_size]),
-                ],
-                capture_output=True,
-                text=True,
-                check=True,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        r = json.loads(out)
+    for budget in (None, max_tokens):
+        what = f"batch {batch_size}" + (f", token budget {budget}" if budget else ", no token budget")
+        print(f"\n### {what}\n")
         print(
-            f"| {n} | {shots} | {r['seq']} | {r['after_load_mb']:.0f} | {r['peak_mb']:.0f} | "
-            f"{r['peak_mb'] - r['after_load_mb']:.0f} |"
+            "| prompts | shots | tokens/prompt | rows/batch | RSS after load MB | peak RSS MB | growth MB |\n"
+            "|---|---|---|---|---|---|---|"
         )
+        growth: dict[tuple[int, int], float] = {}
+        seqs: dict[int, tuple[int, int]] = {}
+        for n, shots in grid:
+            out = (
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--memory-child",
+                        json.dumps([model, dtype, n, shots, batch_size, budget]),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            r = json.loads(out)
+            growth[n, shots] = r["peak_mb"] - r["after_load_mb"]
+            seqs[shots] = (r["seq"], r["rows"])
+            print(
+                f"| {n} | {shots} | {r['seq']} | {r['rows']} | {r['after_load_mb']:.0f} | {r['peak_mb']:.0f} | "
+                f"{growth[n, shots]:.0f} |"
+            )
+        n0 = grid[0][0]
+        (s_short, _), (s_long, rows_long) = seqs[grid[0][1]], seqs[grid[1][1]]
+        layer_mb = one_layer_activation_mb(cfg, rows_long, s_long)
+        delta = growth[n0, grid[1][1]] - growth[n0, grid[0][1]]
+        print(
+            f"\nlonger prompts ({s_short} -> {s_long} tokens) add {delta:.0f} MB of peak memory; one layer's "
+            f"activations for one batch ({rows_long} x {s_long} tokens) are {layer_mb:.0f} MB: target "
+            f"{'met' if delta < layer_mb else 'NOT met'}"
+        )
+
+
+def lm_config(lm) -> dict[str, int]:
+    """Hidden size, MLP width and bytes per element of a loaded model."""
+    c = lm.model.config
+    size = next(lm.model.parameters()).element_size()
+    return {"d": c.hidden_size, "ffn": c.intermediate_size, "bytes": size}
+
+
+def one_layer_activation_mb(cfg: dict[str, int], rows: int, seq: int) -> float:
+    """One decoder layer's activations for one batch: residual in and out, q/k/v/attention output (4 x d),
+    MLP gate, up and activation (3 x ffn)."""
+    per_token = 2 * cfg["d"] + 4 * cfg["d"] + 3 * cfg["ffn"]
+    return rows * seq * per_token * cfg["bytes"] / 2**20
 
 
 def main() -> None:
@@ -204,6 +247,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
     ap.add_argument("--n", type=int, default=128, help="prompts per measurement")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget compared with none")
+    ap.add_argument("--only", choices=["overhead", "generation", "memory"], help="run one part")
     ap.add_argument("--memory-child")
     args = ap.parse_args()
     if args.memory_child:
@@ -213,9 +258,12 @@ def main() -> None:
     lm = load_model(args.model, args.dtype)
     n, repeats = (16, 1) if args.quick else (args.n, args.repeats)
     print(f"# bench_capture: torch {torch.__version__}, {torch.get_num_threads()} threads")
-    bench_overhead(lm, n, 16, 4, repeats)
-    bench_generation(lm, n, 16, 4)
-    bench_memory(args.model, args.dtype, 16, args.quick)
+    if args.only in (None, "overhead"):
+        bench_overhead(lm, n, 16, 4, repeats)
+    if args.only in (None, "generation"):
+        bench_generation(lm, n, 16, 4)
+    if args.only in (None, "memory"):
+        bench_memory(lm, args.model, args.dtype, 16, args.quick, args.max_batch_tokens)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,10 @@ def test_bench_probes_quick():
 def test_bench_capture_quick():
     out = _run("bench_capture.py")
     assert "ratio to floor" in out and "| ours |" in out and "Peak RSS" in out
+
+
+@pytest.mark.real
+def test_bench_end_to_end_quick():
+    out = _run("bench_end_to_end.py")
+    assert "| stage | seconds | share |" in out and "| forward |" in out and "| report |" in out
+    assert "goal under 30 min" in out

@@ -66,19 +66,25 @@ def test_same_config_same_bytes_across_processes(tiny, tmp_path):
     assert a["fingerprint"] == b["fingerprint"] and a["outputs"] == b["outputs"]
 
 
-def test_activations_invariant_to_batch_size_and_padding(tiny, tmp_path):
-    """Batch size 1 (no padding) and 5 (left padding, prompts of different lengths): same vectors."""
+@pytest.mark.parametrize("other", [["--batch-size", "5"], ["--batch-size", "6", "--max-batch-tokens", "300"]])
+def test_activations_invariant_to_batching_and_padding(tiny, tmp_path, other):
+    """Batch size 1 (no padding) vs 5, or a token budget (left padding, prompts of different lengths)."""
     run(tiny, tmp_path / "bs1", "--batch-size", "1")
-    run(tiny, tmp_path / "bs5", "--batch-size", "5")
+    run(tiny, tmp_path / "other", *other)
     shards = sorted((tmp_path / "bs1" / "activations").iterdir())
     assert len(shards) == 7
     for shard in shards:
         one = load_file(str(shard))["activations"]
-        five = load_file(str(tmp_path / "bs5" / "activations" / shard.name))["activations"]
-        assert one.dtype == torch.float32 and one.shape == five.shape
-        torch.testing.assert_close(one, five, atol=1e-5, rtol=0)
+        many = load_file(str(tmp_path / "other" / "activations" / shard.name))["activations"]
+        assert one.dtype == torch.float32 and one.shape == many.shape
+        torch.testing.assert_close(one, many, atol=1e-5, rtol=0)
     for name in ("predictions.jsonl", "table.txt"):
-        assert (tmp_path / "bs1" / name).read_bytes() == (tmp_path / "bs5" / name).read_bytes(), name
+        assert (tmp_path / "bs1" / name).read_bytes() == (tmp_path / "other" / name).read_bytes(), name
+    a, b = (json.loads((tmp_path / d / "run.json").read_text()) for d in ("bs1", "other"))
+    assert a["fingerprint"] == b["fingerprint"]  # batching is not part of a run's identity
+    timings = b["timings"]
+    assert timings["forward_s"] > 0 and timings["generate_s"] > 0
+    assert timings["forward_s"] + timings["generate_s"] <= timings["capture_generate_s"] + 0.05
 
 
 def test_run_json_holds_what_a_rerun_needs(tiny, tmp_path):

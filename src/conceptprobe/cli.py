@@ -53,6 +53,9 @@ def run(
     dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [float32]."),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
+    max_batch_tokens: int | None = typer.Option(
+        None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [2048]."
+    ),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder [results/runs/<model>_<task>_...]."
@@ -85,6 +88,7 @@ def run(
         "dtype": dtype,
         "layers": _layers_option(layers),
         "batch_size": batch_size,
+        "max_batch_tokens": max_batch_tokens,
         "knn_k": knn_k,
         "trust_remote_code": True if trust_remote_code else None,
     }

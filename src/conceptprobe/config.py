@@ -35,6 +35,12 @@ class RunConfig(BaseModel):
         default_factory=lambda: [0], description="offsets from the token before the answer"
     )
     batch_size: int = Field(16, ge=1)
+    max_batch_tokens: int | None = Field(
+        2048,
+        ge=1,
+        description="cap on rows x (longest prompt + new tokens) per batch; keeps peak memory flat as prompts "
+        "grow (None: batch_size alone)",
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="default: longest answer in tokens + 2")
     knn_k: int = Field(10, ge=1)
     knn_metric: Literal["euclidean", "cosine"] = "euclidean"
@@ -67,8 +73,8 @@ class RunConfig(BaseModel):
         return self
 
     def fingerprint(self) -> str:
-        """A hash of every field that changes results (batch size excluded: results do not depend on it)."""
-        data = self.model_dump(mode="json", exclude={"batch_size", "save_activations"})
+        """A hash of every field that changes results (batching excluded: results do not depend on it)."""
+        data = self.model_dump(mode="json", exclude={"batch_size", "max_batch_tokens", "save_activations"})
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,7 @@ the cache; positions come from the attention mask, so left padding changes nothi
 from __future__ import annotations
 
 import inspect
+import time
 from dataclasses import dataclass
 
 import torch
@@ -67,13 +68,36 @@ def capture_and_generate(
     offsets: list[int],
     max_new_tokens: int,
     stop: str = "\n",
+    timer: dict[str, float] | None = None,
 ) -> tuple[torch.Tensor | None, list[str]]:
     """One prefill (capturing rows at ``last_index + offset``), then greedy decoding.
 
     Returns the captured rows ``[batch, layers, len(offsets), d]`` (or None) and the generated text of
     each row, cut at the first ``stop`` string. With ``max_new_tokens == 0`` nothing is generated and,
-    if a capture is given, the forward pass stops after its last layer.
+    if a capture is given, the forward pass stops after its last layer. ``timer`` (if given) accumulates
+    seconds under ``forward_s`` (the prefill) and ``generate_s`` (the decoding steps).
     """
+    t_start = time.perf_counter()
+    try:
+        return _capture_and_generate(model, tokenizer, batch, capture, offsets, max_new_tokens, stop, timer)
+    finally:
+        if timer is not None:
+            total = time.perf_counter() - t_start
+            decode = timer.pop("_decode", 0.0)
+            timer["forward_s"] = timer.get("forward_s", 0.0) + total - decode
+            timer["generate_s"] = timer.get("generate_s", 0.0) + decode
+
+
+def _capture_and_generate(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: Encoded,
+    capture: ResidualCapture | None,
+    offsets: list[int],
+    max_new_tokens: int,
+    stop: str,
+    timer: dict[str, float] | None,
+) -> tuple[torch.Tensor | None, list[str]]:
     body = base_model(model)
     device = _device(model)
     ids = batch.input_ids.to(device)
@@ -100,6 +124,7 @@ def capture_and_generate(
     if capture is not None:
         acts = capture.take()
         capture.enabled = False
+    t_decode = time.perf_counter()
     try:
         cache = _cache_of(out)
         hidden = out.last_hidden_state[:, -1, :]
@@ -138,5 +163,7 @@ def capture_and_generate(
     finally:
         if capture is not None:
             capture.enabled = True
+        if timer is not None:
+            timer["_decode"] = time.perf_counter() - t_decode
     cut = [t.split(stop, 1)[0] if stop else t for t in texts]
     return acts, cut

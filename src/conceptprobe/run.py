@@ -30,6 +30,7 @@ from rich.progress import (
 )
 
 from conceptprobe import __version__
+from conceptprobe.batching import plan_batches
 from conceptprobe.capture import ResidualCapture
 from conceptprobe.config import RunConfig
 from conceptprobe.generation import capture_and_generate, encode
@@ -94,11 +95,13 @@ def collect(
     console: Console,
     progress: bool = True,
     record: dict[str, Any] | None = None,
+    timer: dict[str, float] | None = None,
 ) -> list[str]:
     """Capture and generate for every concept without a complete shard; returns the concepts resumed.
 
     With ``record`` (the run's ``run.json`` data), shards are verified against the checksums in its
-    ``shards`` mapping, and each new shard's checksum is added and ``run.json`` rewritten.
+    ``shards`` mapping, and each new shard's checksum is added and ``run.json`` rewritten. ``timer``
+    accumulates the seconds spent in prefills (``forward_s``) and in decoding steps (``generate_s``).
     """
     sums: dict[str, str] = record.setdefault("shards", {}) if record is not None else {}
     resumed = []
@@ -135,14 +138,14 @@ def collect(
         job = bar.add_task(f"{loaded.info.ref} · {config.task} · {config.shots}-shot", total=total)
         for concept in todo:
             items = prompts[concept]
-            order = sorted(range(len(items)), key=lambda i: len(items[i].text))  # less padding per batch
+            lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in items])["input_ids"]]
+            batches = plan_batches(lengths, config.batch_size, config.max_batch_tokens, extra=max_new)
             acts = torch.empty(len(items), len(layers), len(config.positions), cap.hidden_size, dtype=dtype)
             preds: list[dict[str, Any]] = [{} for _ in items]
-            for start in range(0, len(order), config.batch_size):
-                idx = order[start : start + config.batch_size]
+            for idx in batches:  # shortest prompts first: little padding per batch
                 batch = encode(loaded.tokenizer, [items[i].text for i in idx])
                 got, texts = capture_and_generate(
-                    loaded.model, loaded.tokenizer, batch, cap, config.positions, max_new
+                    loaded.model, loaded.tokenizer, batch, cap, config.positions, max_new, timer=timer
                 )
                 assert got is not None
                 if not torch.isfinite(got).all():  # stop at the first bad batch, not after the concept
@@ -330,8 +333,10 @@ def run(
     }
     store.write_run_json(record)
     t1 = time.perf_counter()
-    resumed = collect(config, loaded, prompts, store, layers, console, progress, record=record)
+    split: dict[str, float] = {"forward_s": 0.0, "generate_s": 0.0}
+    resumed = collect(config, loaded, prompts, store, layers, console, progress, record=record, timer=split)
     timings["capture_generate_s"] = round(time.perf_counter() - t1, 2)
+    timings.update({k: round(v, 2) for k, v in split.items()})  # the two parts of capture_generate_s
     t2 = time.perf_counter()
     frame, predictions = measure(config, model_info, task, store, layers)
     timings["measures_s"] = round(time.perf_counter() - t2, 2)

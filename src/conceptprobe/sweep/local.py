@@ -233,6 +233,11 @@ class Manifest:
             self.units[unit.id] = entry
             self.data["units"].append(entry)
 
+    def model_loaded(self, label: str, seconds: float) -> None:
+        """Record a model's load time in this invocation (``invocation.model_load_s``)."""
+        self.data["invocation"].setdefault("model_load_s", {})[label] = round(seconds, 2)
+        self.write()
+
     def update(self, unit: Unit, **fields: Any) -> None:
         self.units[unit.id].update(fields)
         self.write()
@@ -321,8 +326,10 @@ def run_sweep(
             pending = [u for u in units if u.id in todo_ids]
             if not pending:
                 continue
+            t_load = time.perf_counter()
             try:
                 loaded: LoadedModel | None = load_for(model, pending[0].config)
+                manifest.model_loaded(model.label, time.perf_counter() - t_load)
             except Exception as exc:  # noqa: BLE001 - reported per unit; the sweep goes on
                 message = f"loading {model.ref}: {_one_line(exc)}"
                 for unit in pending:
