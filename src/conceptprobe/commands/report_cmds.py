@@ -1,7 +1,9 @@
 """``conceptprobe report PATH [PATH ...] --out report.html``: one self-contained HTML comparison report.
 
 Writes the HTML file, a Markdown summary beside it (same name, ``.md``) and the figures as PNG files in
-``figures/`` beside it. Paths are run folders or folders holding runs (a sweep's output folder).
+``figures/`` beside it. Paths are run folders or folders holding runs (a sweep's output folder), and/or
+result folders of ``icl-score``, ``heads``, ``token-loss-pca``, ``patch`` and ``finetune`` (or folders
+holding them, e.g. ``results/icl results/heads results/causal``): each kind found adds its own section.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ def _default_out(paths: list[Path]) -> Path:
 
 def report_cmd(
     paths: list[Path] = typer.Argument(
-        ..., help="Run folders, or folders holding runs (e.g. a sweep's output)."
+        ...,
+        help="Run folders, or folders holding runs (e.g. a sweep's output), and/or icl-score, heads, "
+        "token-loss-pca, patch and finetune result folders (or folders holding them).",
     ),
     out: Path | None = typer.Option(
         None,
@@ -47,7 +51,8 @@ def report_cmd(
         False, "--no-cache", help="Recompute UMAP embeddings instead of reusing cached ones."
     ),
 ) -> None:
-    """Compare runs: decodability per layer, CD vs ICL accuracy (R²), UMAPs and a comparison table."""
+    """Compare runs: decodability per layer, CD vs ICL accuracy (R²), UMAPs and a comparison table; plus ICL
+    score / induction heads and causal-test sections when such result folders are given."""
     from rich.table import Table
 
     from conceptprobe.report.render import build_report, cell_text, fmt_params
@@ -81,6 +86,11 @@ def report_cmd(
                 cell_text("r2", row),
             )
         console.print(table)
+    from conceptprobe.report.extra_sections import Table as ExtraTable
+
+    for section in report.extras:
+        n_tables = sum(isinstance(b, ExtraTable) for b in section.blocks)
+        console.print(f"{section.title}: {n_tables} tables, {len(section.figures)} figures", highlight=False)
     for note in report.notes:
         err_console.print(f"note: {note}", style="yellow", highlight=False)
     console.print(f"report: {result.html}\nsummary: {result.markdown}\nfigures: {result.figures_dir}")

@@ -3,7 +3,9 @@
 :func:`build_report` collects complete run folders under the paths (:mod:`.collect`), recomputes the
 comparison table and CD-vs-accuracy fits from ``metrics.parquet`` (:mod:`.stats`), draws the figures
 (:mod:`.figures`, UMAPs in :mod:`.embedding`) and writes one self-contained HTML file plus a Markdown
-summary and PNG figures beside it (:mod:`.render`).
+summary and PNG figures beside it (:mod:`.render`). ICL-score, induction-heads, token-loss-PCA, patching and
+finetuning result folders under the paths add their own sections (:mod:`.extras` finds and reads them,
+:mod:`.extra_figures` draws, :mod:`.extra_sections` lays them out).
 """
 
 from conceptprobe.report.collect import ReportData, ReportError, RunInfo, collect, find_run_folders

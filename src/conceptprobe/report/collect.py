@@ -89,18 +89,43 @@ class ReportData:
 
 
 def find_run_folders(path: str | Path) -> list[Path]:
-    """Run folders at or below ``path`` (folders with a ``run.json``), sorted; errors name the fix."""
+    """Run folders at or below ``path`` (folders with a ``run.json``), sorted; errors name the fix.
+
+    Patching and finetuning folders (``run.json`` kind ``patch`` / ``finetune``) and, below a path, the runs
+    inside a finetuning folder are not probe runs: the report shows them in its causal-tests section."""
     p = Path(path)
     if not p.exists():
         raise ReportError(f"{p} does not exist; pass run folders or folders that contain them")
     if p.is_file():
         if p.name == "run.json":
-            return [p.parent]
+            return [] if _kind(p.parent) in INTERVENTION_KINDS else [p.parent]
         raise ReportError(f"{p} is a file; pass a run folder (with run.json) or a folder that contains runs")
     if (p / "run.json").is_file():
-        return [p]
+        return [] if _kind(p) in INTERVENTION_KINDS else [p]
     return sorted(
-        f.parent for f in p.rglob("run.json") if not any(part.startswith(".") for part in f.parts[-3:])
+        f.parent
+        for f in p.rglob("run.json")
+        if not any(part.startswith(".") for part in f.parts[-3:]) and not _in_intervention(f.parent)
+    )
+
+
+#: ``run.json`` kinds of the causal tests (conceptprobe.interventions): shown in the report's own section.
+INTERVENTION_KINDS = ("patch", "finetune")
+
+
+def _kind(folder: Path) -> str | None:
+    try:
+        record = json.loads((folder / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return record.get("kind") if isinstance(record, dict) else None
+
+
+def _in_intervention(folder: Path) -> bool:
+    """A patching or finetuning folder, or a run inside a finetuning folder (its per-condition evaluation):
+    found under a path these are not probe runs of their own."""
+    return _kind(folder) in INTERVENTION_KINDS or (
+        (folder.parent / "run.json").is_file() and _kind(folder.parent) == "finetune"
     )
 
 

@@ -101,6 +101,7 @@ class Report:
     title: str = "conceptprobe report"
     generated: str = ""
     model_colors: dict[str, tuple] = field(default_factory=dict)
+    extras: list[Any] = field(default_factory=list)  # extra_sections.ExtraSection: ICL/heads, causal tests
 
 
 @dataclass
@@ -517,7 +518,8 @@ def render_html(report: Report) -> str:
     nav = "".join(
         f'<a href="#{s}">{html.escape(SECTIONS[s])}</a>' for s in ["table", *present] if s != "table"
     )
-    nav = '<a href="#table">Comparison table</a>' + nav
+    nav = ('<a href="#table">Comparison table</a>' if report.data.runs else "") + nav
+    nav += "".join(f'<a href="#{x.id}">{html.escape(x.title)}</a>' for x in report.extras)
     tasks = report.data.tasks
     tables = "".join(
         (f"<h3>{html.escape(t)}</h3>" if len(tasks) > 1 else "")
@@ -534,10 +536,13 @@ def render_html(report: Report) -> str:
         f'<p class="sub">Concept decodability and in-context-learning accuracy across models · generated '
         f"{html.escape(report.generated)}</p>",
         f'<dl class="facts">{facts}</dl><nav>{nav}</nav></header>',
-        '<section id="table"><h2>Comparison</h2><div class="card">',
-        tables,
-        f'<p class="muted" style="margin:10px 0 0">{html.escape(TABLE_NOTE)}</p></div></section>',
     ]
+    if report.data.runs:
+        parts += [
+            '<section id="table"><h2>Comparison</h2><div class="card">',
+            tables,
+            f'<p class="muted" style="margin:10px 0 0">{html.escape(TABLE_NOTE)}</p></div></section>',
+        ]
     for s in present:
         parts.append(f'<section id="{s}"><h2>{html.escape(SECTIONS[s])}</h2>')
         for f in (f for f in report.figures if f.section == s):
@@ -548,6 +553,10 @@ def render_html(report: Report) -> str:
                 f'alt="{html.escape(f.title)}"><figcaption>{html.escape(f.caption)}</figcaption></figure>'
             )
         parts.append("</section>")
+    if report.extras:
+        from conceptprobe.report.extra_sections import section_html
+
+        parts += [section_html(x) for x in report.extras]
     if report.notes:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
         parts.append(f'<section id="notes"><h2>Notes</h2><ul class="notes">{items}</ul></section>')
@@ -567,7 +576,7 @@ def render_markdown(report: Report, figures_rel: str = "figures") -> str:
     """The report as Markdown, linking the figures as ``<figures_rel>/<key>.png``."""
     lines = [f"# {report.title}", "", f"Generated {report.generated}.", ""]
     lines += [f"- **{k}**: {_md_escape(v)}" for k, v in report.facts]
-    lines += ["", "## Comparison", ""]
+    lines += ["", "## Comparison", ""] if report.data.runs else [""]
     for task in report.data.tasks:
         if len(report.data.tasks) > 1:
             lines += [f"### {task}", ""]
@@ -592,10 +601,11 @@ def render_markdown(report: Report, figures_rel: str = "figures") -> str:
                 + ".",
             ]
         lines.append("")
-    lines += [
-        TABLE_NOTE,
-        "",
-    ]
+    if report.data.runs:
+        lines += [
+            TABLE_NOTE,
+            "",
+        ]
     for s, name in SECTIONS.items():
         figs = [f for f in report.figures if f.section == s]
         if not figs:
@@ -603,6 +613,11 @@ def render_markdown(report: Report, figures_rel: str = "figures") -> str:
         lines += [f"## {name}", ""]
         for f in figs:
             lines += [f"![{f.title}]({figures_rel}/{f.key}.png)", "", f"*{f.caption}*", ""]
+    if report.extras:
+        from conceptprobe.report.extra_sections import section_markdown
+
+        for x in report.extras:
+            lines += section_markdown(x, figures_rel)
     if report.notes:
         lines += ["## Notes", ""] + [f"- {_md_escape(n)}" for n in report.notes] + [""]
     return "\n".join(lines)
@@ -620,6 +635,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _no_runs() -> ReportData:
+    """The probe-run data of a report built from extra results only."""
+    return ReportData(runs=[], metrics=pd.DataFrame(), models=pd.DataFrame(columns=["model", "n_params"]))
+
+
 def build_report(
     paths: list[str | Path],
     out: str | Path,
@@ -632,7 +652,11 @@ def build_report(
     cache: Path | None | bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ReportResult:
-    """Collect runs under ``paths``; write ``out`` (HTML), its ``.md`` twin and ``figures/`` beside it."""
+    """Collect runs under ``paths``; write ``out`` (HTML), its ``.md`` twin and ``figures/`` beside it.
+
+    Besides probe runs, ``paths`` may hold (or be) ICL-score, induction-heads, token-loss-PCA, patching and
+    finetuning result folders: each kind found adds its section (:mod:`.extra_sections`); a report of those
+    alone has no comparison table."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise ReportError(
@@ -642,25 +666,49 @@ def build_report(
         raise ReportError(
             f"--out {out} is a folder; name the .html file to write, e.g. {out / 'report.html'}"
         )
-    data = collect(paths)
+    from conceptprobe.report.extras import split_paths
+
+    probe_paths, extras = split_paths(paths)
+    data = collect(probe_paths) if probe_paths else _no_runs()
     cache_path = cache_dir() if cache is True else (cache or None)
-    report = assemble(
-        data,
-        umap=umap,
-        include_null=include_null,
-        n_boot=n_boot,
-        seed=seed,
-        title=title,
-        cache=cache_path,
-        log=log,
-    )
+    if data.runs:
+        report = assemble(
+            data,
+            umap=umap,
+            include_null=include_null,
+            n_boot=n_boot,
+            seed=seed,
+            title=title,
+            cache=cache_path,
+            log=log,
+        )
+    else:
+        report = Report(
+            data=data,
+            table=pd.DataFrame(),
+            pooled=pd.DataFrame(),
+            figures=[],
+            facts=[],
+            title=title or "conceptprobe report",
+            generated=time.strftime("%Y-%m-%d %H:%M"),
+        )
+    if extras:
+        from conceptprobe.report.extra_sections import build_sections, extra_facts
+
+        report.extras = build_sections(extras, report.model_colors)
+        report.facts = (
+            report.facts + [("other results", extras.summary())] if data.runs else extra_facts(extras)
+        )
+        report.notes += [f"skipped {s}" for s in extras.skipped]
     figures_dir = out.parent / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
-    keep = {f"{f.key}.png" for f in report.figures}
+    extra_figs = [f for x in report.extras for f in x.figures]
+    keep = {f"{f.key}.png" for f in [*report.figures, *extra_figs]}
+    prefixes = (*(f"{s}_" for s in FIGURE_PREFIXES), "icl_", "causal_")
     for old in figures_dir.glob("*.png"):  # figures of an earlier report here that this one no longer has
-        if old.name not in keep and old.name.startswith(tuple(f"{s}_" for s in FIGURE_PREFIXES)):
+        if old.name not in keep and old.name.startswith(prefixes):
             old.unlink()
-    for f in report.figures:
+    for f in [*report.figures, *extra_figs]:
         _atomic_write(figures_dir / f"{f.key}.png", f.png)
     md = out.with_suffix(".md")
     _atomic_write(md, render_markdown(report, "figures").encode())
