@@ -172,15 +172,22 @@ def plot_token_loss_pca(result: dict[str, Any], path: str | Path, trajectory: bo
         fig.colorbar(sc, ax=ax, label="order given")
     else:
         ax.scatter(coords[:, 0], coords[:, 1], zorder=2)
-    for (x, y), label in zip(coords, result["labels"], strict=True):
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    span = np.ptp(coords, axis=0)
+    scaled = coords / np.where(span > 0, span, 1.0)
+    for i, ((x, y), label) in enumerate(zip(coords, result["labels"], strict=True)):
+        dist = np.linalg.norm(scaled - scaled[i], axis=1)
+        dist[i] = np.inf
+        j = int(np.argmin(dist)) if len(coords) > 1 else i
+        below = j != i and dist[j] < 0.1 and (y, i) < (coords[j, 1], j)  # the lower of two close points
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(5, -11 if below else 4), fontsize=8)
+    ax.margins(0.18)
     ax.set_xlabel(f"PC1 ({100 * evr[0]:.1f}% of variance)")
     ax.set_ylabel(
         f"PC2 ({100 * evr[1]:.1f}%)" if len(result["explained_variance_ratio"]) > 1 else "(single component)"
     )
     same = "same tokens" if result["same_tokens"] else "same documents, different tokenizations"
     ax.set_title(
-        f"per-token loss PCA: {result['n_positions']} positions, {result['n_contexts']} contexts ({same})",
+        f"per-token loss PCA: {result['n_positions']} positions,\n{result['n_contexts']} contexts ({same})",
         fontsize=9,
     )
     fig.tight_layout()
