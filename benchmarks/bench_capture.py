@@ -247,7 +247,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run: small sizes, one repeat")
     ap.add_argument("--n", type=int, default=128, help="prompts per measurement")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--max-batch-tokens", type=int, default=2048, help="token budget compared with none")
+    ap.add_argument("--max-batch-tokens", type=int, default=1024, help="token budget compared with none")
     ap.add_argument("--only", choices=["overhead", "generation", "memory"], help="run one part")
     ap.add_argument("--memory-child")
     args = ap.parse_args()

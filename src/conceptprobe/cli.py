@@ -54,7 +54,7 @@ def run(
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
     max_batch_tokens: int | None = typer.Option(
-        None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [2048]."
+        None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [1024]."
     ),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
     out: Path | None = typer.Option(

@@ -36,7 +36,7 @@ class RunConfig(BaseModel):
     )
     batch_size: int = Field(16, ge=1)
     max_batch_tokens: int | None = Field(
-        2048,
+        1024,
         ge=1,
         description="cap on rows x (longest prompt + new tokens) per batch; keeps peak memory flat as prompts "
         "grow (None: batch_size alone)",
