@@ -13,6 +13,7 @@ import contextlib
 import gc
 import io
 import json
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -176,12 +177,27 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- manifest
 
 
+def _remove_dead_writers_temps(path: Path) -> None:
+    """Delete ``.<name>.tmp<pid>`` files next to ``path`` left by writers that were killed (pid not alive)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp*"):
+        pid = tmp.name.rsplit(".tmp", 1)[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 class Manifest:
     """``<out>/sweep.json``: the sweep's config and every unit's folder, status and timings."""
 
     def __init__(self, plan: SweepPlan, states: dict[str, UnitState]) -> None:
         self.plan = plan
         self.path = plan.manifest_path
+        _remove_dead_writers_temps(self.path)
         previous = read_manifest(plan.out) or {}
         before = {u.get("id"): u for u in previous.get("units", []) if isinstance(u, dict)}
         self.started = time.perf_counter()
