@@ -78,26 +78,6 @@ def capture_and_generate(
     seconds under ``forward_s`` (the prefill) and ``generate_s`` (the decoding steps).
     """
     t_start = time.perf_counter()
-    try:
-        return _capture_and_generate(model, tokenizer, batch, capture, offsets, max_new_tokens, stop, timer)
-    finally:
-        if timer is not None:
-            total = time.perf_counter() - t_start
-            decode = timer.pop("_decode", 0.0)
-            timer["forward_s"] = timer.get("forward_s", 0.0) + total - decode
-            timer["generate_s"] = timer.get("generate_s", 0.0) + decode
-
-
-def _capture_and_generate(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    batch: Encoded,
-    capture: ResidualCapture | None,
-    offsets: list[int],
-    max_new_tokens: int,
-    stop: str,
-    timer: dict[str, float] | None,
-) -> tuple[torch.Tensor | None, list[str]]:
     body = base_model(model)
     device = _device(model)
     ids = batch.input_ids.to(device)
@@ -117,6 +97,7 @@ def _capture_and_generate(
             pass
         finally:
             capture.stop_after_last = False
+        _add_seconds(timer, time.perf_counter() - t_start, 0.0)
         return capture.take(), [""] * ids.shape[0]
 
     cache_kw = _cache_kwarg(body)
@@ -163,7 +144,13 @@ def _capture_and_generate(
     finally:
         if capture is not None:
             capture.enabled = True
-        if timer is not None:
-            timer["_decode"] = time.perf_counter() - t_decode
+    _add_seconds(timer, t_decode - t_start, time.perf_counter() - t_decode)
     cut = [t.split(stop, 1)[0] if stop else t for t in texts]
     return acts, cut
+
+
+def _add_seconds(timer: dict[str, float] | None, forward: float, generate: float) -> None:
+    """Accumulate prefill and decoding seconds into ``timer`` (if given)."""
+    if timer is not None:
+        timer["forward_s"] = timer.get("forward_s", 0.0) + forward
+        timer["generate_s"] = timer.get("generate_s", 0.0) + generate
