@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from html.parser import HTMLParser
 
 import numpy as np
 import torch
@@ -101,3 +102,53 @@ def make_model(family: str, vocab_size: int = 600, layers: int = 3, seed: int = 
 def set_seed(seed: int = 0) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
+
+
+class HtmlTables(HTMLParser):
+    """Every ``<table>`` of a page: its attributes and its body rows as ``{data-col: (text, td attrs)}`` (plus
+    ``"_attrs"``: the row's attributes); every ``<img>`` src and every element id."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self.images: list[str] = []
+        self.ids: list[str] = []
+        self._row: dict | None = None
+        self._cell: tuple[str, dict] | None = None
+        self._text: list[str] = []
+
+    @classmethod
+    def parse(cls, text: str) -> HtmlTables:
+        page = cls()
+        page.feed(text)
+        return page
+
+    def of(self, cls: str) -> list[dict]:
+        """The tables whose class list holds ``cls``."""
+        return [t for t in self.tables if cls in (t["attrs"].get("class") or "").split()]
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        a = dict(attrs)
+        if a.get("id"):
+            self.ids.append(a["id"])
+        if tag == "img":
+            self.images.append(a.get("src", ""))
+        elif tag == "table":
+            self.tables.append({"attrs": a, "rows": []})
+        elif tag == "tr" and self.tables and self._cell is None:
+            self._row = {"_attrs": a}
+        elif tag == "td" and self._row is not None:
+            self._cell, self._text = (a.get("data-col", ""), a), []
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None and self._row is not None:
+            self._row[self._cell[0]] = ("".join(self._text).strip(), self._cell[1])
+            self._cell = None
+        elif tag == "tr" and self._row is not None:
+            if len(self._row) > 1:  # header rows hold no <td>
+                self.tables[-1]["rows"].append(self._row)
+            self._row = None

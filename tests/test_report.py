@@ -16,8 +16,8 @@ import re
 import shutil
 import tempfile
 from functools import cache
-from html.parser import HTMLParser
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from conceptprobe.report.collect import ReportError, collect, find_run_folders
 from conceptprobe.report.stats import bootstrap_r2, fit, r_squared
-from helpers import make_model, make_tokenizer
+from helpers import HtmlTables, make_model, make_tokenizer
 
 FAMILIES = ("llama", "qwen2")
 TASKS = ("pos", "bitwise")
@@ -78,50 +78,14 @@ def built_report() -> Path:
     return out
 
 
-class _Tables(HTMLParser):
-    """Cells of the comparison tables: {task: [{col: (text, data-value)}]}; and every <img> src."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[dict[str, tuple[str, dict]]]] = {}
-        self.images: list[str] = []
-        self._task: str | None = None
-        self._row: dict | None = None
-        self._cell: tuple[str, dict] | None = None
-        self._text: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if tag == "img":
-            self.images.append(a.get("src", ""))
-        if tag == "table" and "comparison" in (a.get("class") or ""):
-            self._task = a["data-task"]
-            self.tables[self._task] = []
-        elif tag == "tr" and self._task:
-            self._row = {}
-        elif tag == "td" and self._row is not None:
-            self._cell, self._text = (a.get("data-col", ""), a), []
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._text.append(data)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "td" and self._cell is not None and self._row is not None:
-            self._row[self._cell[0]] = ("".join(self._text).strip(), self._cell[1])
-            self._cell = None
-        elif tag == "tr" and self._row:
-            assert self._task is not None
-            self.tables[self._task].append(self._row)
-            self._row = None
-        elif tag == "table":
-            self._task = None
-
-
-def parse(html_text: str) -> _Tables:
-    p = _Tables()
-    p.feed(html_text)
-    return p
+def parse(html_text: str) -> SimpleNamespace:
+    """Cells of the comparison tables: ``tables`` = {task: [{col: (text, td attrs)}]}; ``images``: every src."""
+    page = HtmlTables.parse(html_text)
+    tables = {
+        t["attrs"]["data-task"]: [{k: v for k, v in r.items() if k != "_attrs"} for r in t["rows"]]
+        for t in page.of("comparison")
+    }
+    return SimpleNamespace(tables=tables, images=page.images)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import re
 import shutil
 import tempfile
 from functools import cache
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from typer.testing import CliRunner
 
 from conceptprobe.report.collect import ReportError, find_run_folders
-from helpers import make_model, make_tokenizer
+from helpers import HtmlTables, make_model, make_tokenizer
 
 VOCAB = 40
 ICL_MODELS = ("tiny-a", "tiny-b")
@@ -130,52 +129,8 @@ def built() -> Path:
     return out
 
 
-class _Cells(HTMLParser):
-    """Every ``table.extra``: its class and attributes, and its rows as {data-col: (text, td attrs)}."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: list[dict] = []
-        self.images: list[str] = []
-        self.ids: list[str] = []
-        self._row: dict | None = None
-        self._cell: tuple[str, dict] | None = None
-        self._text: list[str] = []
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        a = dict(attrs)
-        if a.get("id"):
-            self.ids.append(a["id"])
-        if tag == "img":
-            self.images.append(a.get("src", ""))
-        elif tag == "table" and "extra" in (a.get("class") or "").split():
-            self.tables.append({"attrs": a, "rows": []})
-        elif tag == "tr" and self.tables and self._cell is None:
-            self._row = {"_attrs": a}
-        elif tag == "td" and self._row is not None:
-            self._cell, self._text = (a.get("data-col", ""), a), []
-
-    def handle_data(self, data: str) -> None:
-        if self._cell is not None:
-            self._text.append(data)
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "td" and self._cell is not None and self._row is not None:
-            self._row[self._cell[0]] = ("".join(self._text).strip(), self._cell[1])
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            if len(self._row) > 1:
-                self.tables[-1]["rows"].append(self._row)
-            self._row = None
-
-    def of(self, cls: str) -> list[dict]:
-        return [t for t in self.tables if cls in t["attrs"]["class"].split()]
-
-
-def parse(text: str) -> _Cells:
-    p = _Cells()
-    p.feed(text)
-    return p
+def parse(text: str) -> HtmlTables:
+    return HtmlTables.parse(text)
 
 
 def _v(cell: tuple[str, dict], key: str = "data-value") -> float:
