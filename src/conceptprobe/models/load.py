@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from conceptprobe.models.layers import architecture_name, decoder_layers
-from conceptprobe.models.packaged import PACKAGED, cache_dir, gguf_path, gguf_sha256, sha256_file
+from conceptprobe.models.packaged import PACKAGED, cache_dir, gguf_path, gguf_sha256
+from conceptprobe.store import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +322,7 @@ def _cached_sha(path: Path) -> str:
         except json.JSONDecodeError:
             table = {}
     if key not in table:
-        table[key] = sha256_file(path)
+        table[key] = sha256_of(path)
         memo.parent.mkdir(parents=True, exist_ok=True)
         tmp = memo.with_name(memo.name + f".tmp{os.getpid()}")
         tmp.write_text(json.dumps(table, indent=0))

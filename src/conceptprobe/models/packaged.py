@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conceptprobe.store import sha256_of
+
 CACHE_ENV = "CONCEPTPROBE_CACHE"
 
 
@@ -158,15 +160,6 @@ def is_installed(model: PackagedModel) -> bool:
         return False
 
 
-def sha256_file(path: Path, block: int = 1 << 22) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def gguf_path(model: PackagedModel) -> Path:
     """Path of the model's GGUF file, joining chunks into the cache once (verified by size and sha256)."""
     if model.single_file:
@@ -210,4 +203,4 @@ def gguf_sha256(model: PackagedModel) -> str:
     marker = path.with_suffix(path.suffix + ".sha256")
     if marker.is_file():
         return marker.read_text().strip()
-    return sha256_file(path)
+    return sha256_of(path)

@@ -33,13 +33,12 @@ from rich.progress import (
 
 from conceptprobe import __version__
 from conceptprobe.config import ConfigError, RunConfig
-from conceptprobe.store import atomic_write_text, git_revision, now, package_versions
+from conceptprobe.store import atomic_write_text, git_revision, now, package_versions, sha256_of
 from conceptprobe.sweep.config import ModelEntry
 from conceptprobe.sweep.plan import (
     SweepPlan,
     Unit,
     UnitState,
-    file_sha256,
     plan_states,
     read_manifest,
     relative,
@@ -243,7 +242,7 @@ class Manifest:
                 entry["metrics_sha256"] = (
                     old.get("metrics_sha256")
                     if same and old.get("metrics_sha256")
-                    else file_sha256(unit.folder / "metrics.parquet")
+                    else sha256_of(unit.folder / "metrics.parquet")
                 )
                 entry["action"] = "skipped"
             self.units[unit.id] = entry
@@ -439,5 +438,5 @@ def _run_unit(
         action="ran",
         finished=now(),
         seconds=round(time.perf_counter() - start, 2),
-        metrics_sha256=file_sha256(unit.folder / "metrics.parquet"),
+        metrics_sha256=sha256_of(unit.folder / "metrics.parquet"),
     )

@@ -6,7 +6,6 @@ model: planning, validation and the state of each unit on disk need only the con
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from conceptprobe.config import ConfigError, RunConfig, _format_validation_error
+from conceptprobe.store import sha256_of
 from conceptprobe.sweep.config import ModelEntry, SweepConfig, TaskEntry
 from conceptprobe.tasks import UnknownTaskError, get_task
 
@@ -121,14 +121,6 @@ class UnitState:
     detail: str = ""
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def read_manifest(out: Path) -> dict[str, Any] | None:
     """The previous ``sweep.json`` of ``out`` (None when missing or unreadable)."""
     path = out / MANIFEST
@@ -187,7 +179,7 @@ def unit_state(unit: Unit, metrics_sha256: str | None = None) -> UnitState:
         return UnitState("partial", "; ".join(problems)) if problems else UnitState("complete")
     if record.get("status") == "complete" and metrics.is_file():
         if metrics_sha256 is not None:
-            ok = file_sha256(metrics) == metrics_sha256
+            ok = sha256_of(metrics) == metrics_sha256
         else:  # no checksum recorded (e.g. a run made outside a sweep): at least its footer must parse
             ok = _parquet_readable(metrics)
         return UnitState("complete") if ok else UnitState("partial", "metrics.parquet is corrupt")

@@ -69,8 +69,9 @@ def run_group(
 
     Units already complete on disk (a retry after a crash) are reported as skipped, not rerun.
     """
+    from conceptprobe.store import sha256_of
     from conceptprobe.sweep import local
-    from conceptprobe.sweep.plan import file_sha256, stale_temp_files, unit_state
+    from conceptprobe.sweep.plan import stale_temp_files, unit_state
 
     host = socket.gethostname()
     if not (Path(out) / "sweep.json").is_file():
@@ -89,7 +90,7 @@ def run_group(
                     {
                         "status": "complete",
                         "action": "skipped",
-                        "metrics_sha256": file_sha256(unit.folder / "metrics.parquet"),
+                        "metrics_sha256": sha256_of(unit.folder / "metrics.parquet"),
                         "node": host,
                     },
                 )
@@ -138,7 +139,7 @@ def run_group(
                         "started": started,
                         "finished": _now(),
                         "seconds": round(time.perf_counter() - start, 2),
-                        "metrics_sha256": file_sha256(unit.folder / "metrics.parquet"),
+                        "metrics_sha256": sha256_of(unit.folder / "metrics.parquet"),
                         "error": None,
                         "traceback": None,
                         "node": host,
