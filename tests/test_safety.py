@@ -127,7 +127,7 @@ def test_a_pickle_in_the_model_folder_is_never_opened(tiny, tmp_path):
 
 def test_trust_remote_code_is_off_unless_passed(tiny, tmp_path, monkeypatch):
     assert inspect.signature(load_model).parameters["trust_remote_code"].default is False
-    assert RunConfig(model="m", task="pos").trust_remote_code is False
+    assert "trust_remote_code" not in RunConfig.model_fields  # a run setting could come from a file
     seen: list[tuple[str, object]] = []
     for name in ("AutoTokenizer", "AutoModelForCausalLM"):
         real = getattr(load_mod, name)
@@ -145,7 +145,8 @@ def test_trust_remote_code_is_off_unless_passed(tiny, tmp_path, monkeypatch):
     seen.clear()
     assert run_cli([*args, "--out", str(tmp_path / "b"), "--trust-remote-code"]) == 0
     assert seen == [("AutoTokenizer", True), ("AutoModelForCausalLM", True)]
-    assert json.loads((tmp_path / "b" / "run.json").read_text())["config"]["trust_remote_code"] is True
+    record = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert record["trust_remote_code"] is True and "trust_remote_code" not in record["config"]
 
 
 def test_model_code_in_a_folder_never_runs_without_the_flag(tiny, tmp_path, capsys):
@@ -166,6 +167,106 @@ def test_model_code_in_a_folder_never_runs_without_the_flag(tiny, tmp_path, caps
         else:  # a known architecture: loaded with the library's own code, auto_map ignored
             assert code == 0, err
         assert not marker.exists()
+
+
+def _evil_folder(tiny: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """A llama folder whose config also names its own Python code (auto_map): importing it leaves a marker."""
+    marker = tmp_path / "EXECUTED"
+    folder = tmp_path / "evil-model"
+    shutil.copytree(tiny, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["auto_map"] = {"AutoConfig": "modeling_evil.Cfg", "AutoModelForCausalLM": "modeling_evil.Evil"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    return folder, marker
+
+
+def _yaml_file(path: Path, data: dict) -> str:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _run_yaml(folder: Path, tmp: Path) -> list[str]:
+    cfg = {"model": str(folder), "task": "bitwise", "shots": 1, "n": 5, "trust_remote_code": True}
+    return ["run", "--config", _yaml_file(tmp / "run.yaml", cfg), "--out", str(tmp / "out"), "--no-progress"]
+
+
+def _sweep(folder: Path, tmp: Path, where: str, dry_run: bool = False) -> list[str]:
+    model: object = {"ref": str(folder), "trust_remote_code": True} if where == "model" else str(folder)
+    cfg = {"name": "s", "models": [model], "tasks": ["bitwise"], "shots": [1], "n": 5}
+    if where == "top":
+        cfg["trust_remote_code"] = True
+    args = ["sweep", _yaml_file(tmp / "sweep.yaml", cfg), "--out", str(tmp / "sweep"), "--no-progress"]
+    return args + (["--dry-run"] if dry_run else [])
+
+
+def _rerun_json(folder: Path, tmp: Path) -> list[str]:
+    """A run.json someone sends you, whose run had remote code on: rerunning it must not switch it on."""
+    record = {
+        "fingerprint": "0" * 16,
+        "trust_remote_code": True,
+        "config": {"model": str(folder), "task": "bitwise", "shots": 1, "n": 5, "trust_remote_code": True},
+    }
+    (tmp / "sent").mkdir()
+    (tmp / "sent" / "run.json").write_text(json.dumps(record))
+    return ["run", "--config", str(tmp / "sent" / "run.json"), "--out", str(tmp / "out"), "--no-progress"]
+
+
+# (id, CLI args, exit code, expected parts of stderr)
+_REMOTE_CODE_FILES = [
+    ("run-yaml", _run_yaml, 2, ("key 'trust_remote_code'", "--trust-remote-code")),
+    ("sweep-yaml-top", lambda f, t: _sweep(f, t, "top"), 2, ("trust_remote_code", "--trust-remote-code")),
+    ("sweep-yaml-model", lambda f, t: _sweep(f, t, "model"), 2, ("models.0.trust_remote_code",)),
+    ("sweep-dry-run", lambda f, t: _sweep(f, t, "top", dry_run=True), 2, ("--trust-remote-code",)),
+    ("rerun-run-json", _rerun_json, 0, ("warning", "ignored", "--trust-remote-code")),
+]
+
+
+@pytest.mark.parametrize(
+    ("build", "code", "expect"),
+    [c[1:] for c in _REMOTE_CODE_FILES],
+    ids=[c[0] for c in _REMOTE_CODE_FILES],
+)
+def test_no_config_file_can_switch_on_remote_code(tiny, tmp_path, capsys, build, code, expect):
+    """Only the flag turns remote code on: YAML files are refused, a rerun run.json's setting is ignored."""
+    folder, marker = _evil_folder(tiny, tmp_path)
+    got = run_cli(build(folder, tmp_path))
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert all(part in err for part in expect), err
+    assert len([line for line in err.splitlines() if line.startswith("error")]) <= 1, err
+    assert not marker.exists()
+
+
+def test_the_flag_still_switches_remote_code_on(tiny, tmp_path, capsys):
+    """The control of the test above: with --trust-remote-code the same folder's code does run."""
+    folder, marker = _evil_folder(tiny, tmp_path)
+    run_cli(
+        [
+            "run",
+            "--model",
+            str(folder),
+            "--task",
+            "bitwise",
+            "--shots",
+            "1",
+            "--n",
+            "5",
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+            "--trust-remote-code",
+        ]
+    )
+    assert "own Python code may run" in capsys.readouterr().err
+    assert marker.exists()
+
+
+def test_the_api_refuses_remote_code_as_a_run_setting():
+    with pytest.raises(ValueError, match="pass --trust-remote-code"):
+        RunConfig(model="m", task="pos", trust_remote_code=True)
 
 
 # ---------------------------------------------------------------- plugins

@@ -90,7 +90,6 @@ def run(
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
         "knn_k": knn_k,
-        "trust_remote_code": True if trust_remote_code else None,
     }
     for required in ("model", "task"):
         if required not in base and overrides[required] is None:
@@ -101,7 +100,21 @@ def run(
     from conceptprobe.run import run as run_job  # torch and transformers: only once the config is valid
 
     folder = out or _default_out(cfg.model, cfg.task, cfg.shots, cfg.seed)
-    result = run_job(cfg, folder, overwrite=overwrite, tasks_dir=tasks_dir, progress=not no_progress)
+    if trust_remote_code:
+        err_console.print(
+            f"warning: --trust-remote-code: {cfg.model}'s own Python code may run",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+    result = run_job(
+        cfg,
+        folder,
+        overwrite=overwrite,
+        tasks_dir=tasks_dir,
+        progress=not no_progress,
+        trust_remote_code=trust_remote_code,
+    )
     if result.resumed_concepts:
         err_console.print(f"resumed: {', '.join(result.resumed_concepts)} were already complete")
     console.print(result.table, highlight=False, markup=False)

@@ -48,7 +48,16 @@ class RunConfig(BaseModel):
     probe_folds: int = Field(5, ge=2)
     prompt_format: PromptFormat = Field(default_factory=PromptFormat)
     save_activations: bool = True
-    trust_remote_code: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_flag_only_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "trust_remote_code" in data:
+            raise ValueError(
+                "trust_remote_code is not a run setting: pass --trust-remote-code on the command line, or "
+                "trust_remote_code=True to conceptprobe's run()"
+            )
+        return data
 
     @field_validator("positions")
     @classmethod
@@ -81,11 +90,11 @@ class RunConfig(BaseModel):
 def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        msg = err["msg"]
+        key = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        lines.append(f"{source}: key {key!r}: {msg}")
+        lines.append(f"{source}: key {key!r}: {msg}" if key else f"{source}: {msg}")
     return "; ".join(lines)
 
 
@@ -132,11 +141,56 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: Settings that only the command line (or an API argument) may give: a file must never switch them on.
+FLAG_ONLY = {"trust_remote_code": "--trust-remote-code"}
+
+
+def _flag_only_keys(data: Any, where: str = "") -> list[str]:
+    """Paths of flag-only keys anywhere in a nested mapping (``models.0.trust_remote_code``)."""
+    found: list[str] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if key in FLAG_ONLY:
+                found.append(path)
+            found += _flag_only_keys(value, path)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found += _flag_only_keys(value, f"{where}.{i}" if where else str(i))
+    return found
+
+
+def refuse_flag_only_keys(data: dict[str, Any], source: str) -> None:
+    """Refuse a config file that sets a flag-only key (running a model's own code is the user's choice)."""
+    found = _flag_only_keys(data)
+    if found:
+        key = found[0].rsplit(".", 1)[-1]
+        raise ConfigError(
+            f"{source}: key {found[0]!r}: a config file cannot switch on {key} (it would run a model's own "
+            f"Python code); remove the key and pass {FLAG_ONLY[key]} on the command line if you trust that code"
+        )
+
+
 def load_run_config_file(path: str | Path) -> dict[str, Any]:
-    """A run config mapping from a YAML file, or from a run folder's ``run.json`` (its ``config``)."""
+    """A run config mapping from a YAML file, or from a run folder's ``run.json`` (its ``config``).
+
+    A YAML file that sets a flag-only key (``trust_remote_code``) is refused; in a ``run.json`` being
+    rerun the key is dropped, with a warning when it was on: only the command-line flag turns it on.
+    """
+    import warnings
+
     data = load_yaml(path)
     if isinstance(data.get("config"), dict) and "fingerprint" in data:
-        return dict(data["config"])  # a run.json: rerun exactly what it ran
+        config = dict(data["config"])  # a run.json: rerun exactly what it ran
+        for key, flag in FLAG_ONLY.items():
+            if config.pop(key, False) is True or data.get(key) is True:
+                warnings.warn(
+                    f"{path}: the run it records had {key} on; it is ignored here: pass {flag} if you "
+                    "trust that model's code",
+                    stacklevel=2,
+                )
+        return config
+    refuse_flag_only_keys(data, str(path))
     return data
 
 

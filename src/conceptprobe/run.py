@@ -278,9 +278,12 @@ def run(
     loaded: LoadedModel | None = None,
     progress: bool = True,
     console: Console | None = None,
+    trust_remote_code: bool = False,
 ) -> RunResult:
     """Run ``config`` into the folder ``out`` (resuming a previous run of the same config).
 
+    ``trust_remote_code`` lets a hub or folder model run its own Python code; it is never read from a
+    config file, only from this argument (the CLI's ``--trust-remote-code``).
     Checks everything it can before loading weights. Without ``loaded``, a complete run whose outputs
     match the checksums in its ``run.json`` is returned as it is, loading and recomputing nothing, and
     a run whose shards are all complete recomputes its measures without loading the model.
@@ -299,7 +302,7 @@ def run(
         model_info, layers = previous["model"], list(previous["layers"])
     else:
         if loaded is None:
-            loaded = _load_checked(config, prompts)
+            loaded = _load_checked(config, prompts, trust_remote_code)
         else:
             check_prompts(
                 config,
@@ -319,6 +322,7 @@ def run(
         "updated": now(),
         "fingerprint": config.fingerprint(),
         "config": config.model_dump(mode="json"),
+        "trust_remote_code": trust_remote_code,
         "rerun": "conceptprobe run --config <this run.json> --out <folder>",
         "model": model_info,
         "model_files": model_files(loaded) if loaded is not None else (previous or {}).get("model_files"),
@@ -361,9 +365,11 @@ def run(
     return RunResult(Path(out), frame, predictions, table, resumed)
 
 
-def _load_checked(config: RunConfig, prompts: dict[str, list[Prompt]]) -> LoadedModel:
+def _load_checked(
+    config: RunConfig, prompts: dict[str, list[Prompt]], trust_remote_code: bool = False
+) -> LoadedModel:
     """Check the model reference and layers, load the tokenizer and check the prompts, then the weights."""
-    ref = check_model_ref(config.model, config.trust_remote_code)
+    ref = check_model_ref(config.model, trust_remote_code)
     if ref.n_layers is not None:
         check_layers(config, ref.n_layers, config.model)
     checked = []
@@ -373,7 +379,7 @@ def _load_checked(config: RunConfig, prompts: dict[str, list[Prompt]]) -> Loaded
         checked.append(True)
 
     loaded = load_model(
-        config.model, config.dtype, trust_remote_code=config.trust_remote_code, on_tokenizer=before_weights
+        config.model, config.dtype, trust_remote_code=trust_remote_code, on_tokenizer=before_weights
     )
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if not checked or (limit and limit != ref.max_positions):

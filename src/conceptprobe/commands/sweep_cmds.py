@@ -151,6 +151,11 @@ def sweep_cmd(
     address: str | None = typer.Option(
         None, "--address", help="Ray cluster address ('auto' joins a running cluster; default: a local Ray)."
     ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Let hub or folder models run their own Python code (off by default; never set by a file).",
+    ),
 ) -> None:
     """Run a sweep: every model x task x shots x seed, each model loaded once, finished units skipped."""
     from conceptprobe.sweep import expand, load_sweep_config, plan_states
@@ -167,8 +172,16 @@ def sweep_cmd(
         "out": str(out) if out is not None else None,
     }
     cfg = load_sweep_config(config, overrides)
-    plan = expand(cfg, str(config), tasks_dir=tasks_dir)
+    plan = expand(cfg, str(config), tasks_dir=tasks_dir, trust_remote_code=trust_remote_code)
     states = plan_states(plan)
+    if trust_remote_code:
+        err_console.print(
+            "warning: --trust-remote-code: the models' own Python code may run "
+            f"({', '.join(m.ref for m in cfg.models)})",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
     if dry_run:
         print_plan(plan, states, console)
         return

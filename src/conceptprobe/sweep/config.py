@@ -29,7 +29,13 @@ from pydantic import (
     model_validator,
 )
 
-from conceptprobe.config import ConfigError, RunConfig, _format_validation_error, load_yaml
+from conceptprobe.config import (
+    ConfigError,
+    RunConfig,
+    _format_validation_error,
+    load_yaml,
+    refuse_flag_only_keys,
+)
 
 #: RunConfig fields that a sweep sets per unit (the others are defaults for every unit).
 UNIT_KEYS = ("model", "task", "task_params", "shots", "seed")
@@ -294,6 +300,7 @@ def validate_sweep(data: dict[str, Any], source: str) -> SweepConfig:
 def load_sweep_config(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepConfig:
     """Read and validate a sweep YAML, then apply CLI overrides (None values = not given)."""
     raw = load_yaml(path)
+    refuse_flag_only_keys(raw, str(path))
     config = validate_sweep(raw, str(path))
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
     if not given:

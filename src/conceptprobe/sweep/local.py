@@ -141,15 +141,15 @@ def _quantization_config(model: ModelEntry, config: RunConfig) -> Any:
     return build_quantization_config(model.quantize, resolve_dtype(config.dtype))
 
 
-def load_for(model: ModelEntry, config: RunConfig) -> LoadedModel:
-    """Load the model of a group of units (their RunConfigs share model, dtype and trust_remote_code)."""
+def load_for(model: ModelEntry, config: RunConfig, trust_remote_code: bool = False) -> LoadedModel:
+    """Load the model of a group of units (their RunConfigs share model and dtype)."""
     loaded = load_model(
         config.model,
         config.dtype,
         device_map=model.device_map,
         max_memory=model.max_memory,
         quantization_config=_quantization_config(model, config),
-        trust_remote_code=config.trust_remote_code,
+        trust_remote_code=trust_remote_code,
     )
     loaded.info.extra.update(
         label=model.label, quantize=model.quantize, device_map=model.device_map, max_memory=model.max_memory
@@ -208,6 +208,7 @@ class Manifest:
             "updated": now(),
             "status": "running",
             "config": plan.config.model_dump(mode="json"),
+            "trust_remote_code": plan.trust_remote_code,
             "versions": package_versions(),
             "git": git_revision(),
             "invocation": {"started": now(), "ran": 0, "skipped": 0, "failed": 0},
@@ -343,7 +344,7 @@ def run_sweep(
                 continue
             t_load = time.perf_counter()
             try:
-                loaded: LoadedModel | None = load_for(model, pending[0].config)
+                loaded: LoadedModel | None = load_for(model, pending[0].config, plan.trust_remote_code)
                 manifest.model_loaded(model.label, time.perf_counter() - t_load)
             except Exception as exc:  # noqa: BLE001 - reported per unit; the sweep goes on
                 message = f"loading {model.ref}: {_one_line(exc)}"
@@ -422,6 +423,7 @@ def _run_unit(
                 loaded=loaded,
                 progress=progress,
                 console=console,
+                trust_remote_code=manifest.plan.trust_remote_code,
             )
     except KeyboardInterrupt:
         manifest.update(unit, status="interrupted", seconds=round(time.perf_counter() - start, 2))

@@ -57,6 +57,8 @@ class SweepPlan:
     source: str
     out: Path
     units: list[Unit]
+    #: from the command-line flag or the API only, never from the sweep file
+    trust_remote_code: bool = False
 
     def by_model(self) -> Iterator[tuple[ModelEntry, list[Unit]]]:
         """Units grouped by model, in config order (each model is loaded once for its group)."""
@@ -69,9 +71,15 @@ class SweepPlan:
 
 
 def expand(
-    config: SweepConfig, source: str = "sweep config", tasks_dir: str | Path | None = None
+    config: SweepConfig,
+    source: str = "sweep config",
+    tasks_dir: str | Path | None = None,
+    trust_remote_code: bool = False,
 ) -> SweepPlan:
-    """Every unit of ``config``; task names, task params and run fields are checked here."""
+    """Every unit of ``config``; task names, task params and run fields are checked here.
+
+    ``trust_remote_code`` (the ``--trust-remote-code`` flag) lets the models run their own Python code.
+    """
     concepts: dict[str, tuple[str, ...]] = {}
     for i, entry in enumerate(config.tasks):
         key = f"{source}: key 'tasks.{i}'"
@@ -107,7 +115,7 @@ def expand(
                         raise ConfigError(_format_validation_error(exc, source)) from None
                     folder = out / model.label / f"{entry.label}_{shots}shot_seed{seed}"
                     units.append(Unit(model, entry, shots, seed, run_config, folder, concepts[entry.label]))
-    return SweepPlan(config=config, source=source, out=out, units=units)
+    return SweepPlan(config=config, source=source, out=out, units=units, trust_remote_code=trust_remote_code)
 
 
 # ---------------------------------------------------------------- the state of units on disk

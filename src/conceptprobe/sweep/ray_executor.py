@@ -63,7 +63,12 @@ def _one_line(exc: BaseException) -> str:
 
 
 def run_group(
-    units: list[Unit], out: str, tasks_dir: str | None, overwrite: bool, use_gpus: bool
+    units: list[Unit],
+    out: str,
+    tasks_dir: str | None,
+    overwrite: bool,
+    use_gpus: bool,
+    trust_remote_code: bool = False,
 ) -> list[tuple[str, dict[str, Any]]]:
     """Run one model's units (in a Ray worker, or anywhere): ``[(unit id, manifest fields), ...]``.
 
@@ -103,7 +108,7 @@ def run_group(
     if use_gpus and model.device_map is None:
         model = model.model_copy(update={"device_map": "auto"})
     try:
-        loaded = local.load_for(model, pending[0].config)
+        loaded = local.load_for(model, pending[0].config, trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - every unit of the group fails with the load's message
         message = f"loading {model.ref}: {_one_line(exc)}"
         return results + [(u.id, _failure(message, exc, host)) for u in pending]
@@ -124,6 +129,7 @@ def run_group(
                         loaded=loaded,
                         progress=False,
                         console=Console(file=io.StringIO()),
+                        trust_remote_code=trust_remote_code,
                     )
             except Exception as exc:  # noqa: BLE001 - one failing unit must not stop its group
                 fields = _failure(_one_line(exc), exc, host)
@@ -298,7 +304,12 @@ def run_sweep_ray(
                 "name": f"conceptprobe:{label}",
             }
             ref = remote.options(**options).remote(
-                pending, str(plan.out), None if tasks_dir is None else str(tasks_dir), overwrite, n_gpus > 0
+                pending,
+                str(plan.out),
+                None if tasks_dir is None else str(tasks_dir),
+                overwrite,
+                n_gpus > 0,
+                plan.trust_remote_code,
             )
             futures[ref] = pending
             for unit in pending:
