@@ -289,12 +289,6 @@ CASES: list[Case] = [
     ),
     ("n-too-small", lambda e: e.run("--n", "1"), ("key 'n'", "greater than or equal to 2"), 2),
     (
-        "n-below-folds",
-        lambda e: ["run", "--config", e.yaml({"model": "x", "task": "pos", "n": 3, "probe_folds": 5})],
-        ("n=3", "fewer than probe_folds=5"),
-        2,
-    ),
-    (
         "bad-dtype",
         lambda e: e.run("--dtype", "fp8"),
         ("key 'dtype'", "'float32', 'bfloat16' or 'float16'"),

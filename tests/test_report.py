@@ -220,7 +220,7 @@ def test_html_is_self_contained_with_embedded_figures():
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
-    for word in ("tiny-llama", "tiny-qwen2", "pos v1", "bitwise v1", "Comparison", "UMAP"):
+    for word in ("tiny-llama", "tiny-qwen2", "pos v2", "bitwise v1", "Comparison", "UMAP"):
         assert word in text
     assert "R² n/a" not in text  # accuracies vary in this tree: every fit is defined
 

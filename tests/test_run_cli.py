@@ -43,7 +43,16 @@ def test_run_end_to_end_and_resume(tiny_model_dir, tmp_path):
 
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert list(metrics.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS
-    assert set(metrics["metric"]) == {"icl_accuracy", "cd_knn", "probe_accuracy"}
+    controls = {
+        f"{m}{suffix}"
+        for m in ("cd_knn", "probe_accuracy")
+        for suffix in ("", "_ci_low", "_ci_high", "_null_p95", "_p_value", "_selectivity", "_heldout_peak")
+    }
+    expected = {"icl_accuracy", "icl_accuracy_ci_low", "demo_reuse_rate", "surface_baseline", *controls}
+    assert expected <= set(metrics["metric"])
+    assert {"surface_answers_knn", "surface_prompt_probe", "surface_lexical_knn"} <= set(metrics["metric"])
+    assert (metrics["n"] > 0).all() and metrics["n"].dtype == "int64"
+    assert metrics[(metrics.metric == "cd_knn") & (metrics.concept == "all")]["n"].eq(7 * 12).all()
     knn = metrics[(metrics.metric == "cd_knn") & (metrics.concept == "all")]
     assert sorted(knn["layer"]) == [0, 1, 2, 3]
     assert metrics[metrics.metric == "icl_accuracy"]["layer"].isna().all()
@@ -61,6 +70,13 @@ def test_run_end_to_end_and_resume(tiny_model_dir, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "activations").iterdir()} == mtime
     again = pd.read_parquet(out / "metrics.parquet")
     pd.testing.assert_frame_equal(metrics, again)
+
+    # other measure settings: measures are recomputed from the stored activations, the model is not needed
+    result = invoke(*args, "--out", str(out), "--knn-k", "3", "--no-progress")
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "activations").iterdir()} == mtime
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["knn_k"] == 3 and run["timings"]["capture_generate_s"] < 1.0
+    assert not pd.read_parquet(out / "metrics.parquet").equals(metrics)
 
 
 def test_batch_size_does_not_change_results(tiny_model_dir, tmp_path):

@@ -1,4 +1,8 @@
-"""Built-in task families: lexicon, templates, exact answers, determinism and parameter errors."""
+"""Built-in task families: lexicon, templates, exact answers, determinism and parameter errors.
+
+The lexicon and template tests here are of ``pos`` version 1 (disjoint word lists); version 2 is tested in
+``test_pos_v2.py``, the treebank tasks in ``test_treebank.py``.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conceptprobe.tasks import NULL_CONCEPT, Example, get_task
+from conceptprobe.tasks import NULL_CONCEPT, ConceptTask, Example, get_task
 from conceptprobe.tasks import pos_lexicon as lex
 from conceptprobe.tasks.bitwise import BitwiseTask
 from conceptprobe.tasks.pos import _SLOTS, POS_CONCEPTS, TEMPLATES, PosTask
+from conceptprobe.tasks.registry import _validate
 
 SEEDS = st.integers(min_value=0, max_value=2**63 - 1)
 PROPERTY = settings(max_examples=150, deadline=None)
@@ -107,13 +112,13 @@ def _check_pos_example(ex: Example, concept: str) -> None:
 @PROPERTY
 @given(seed=SEEDS)
 def test_pos_answers_are_exact(seed: int) -> None:
-    task = PosTask()
+    task = PosTask(version=1)
     for concept in task.concepts:
         _check_pos_example(task.sample(concept, np.random.default_rng(seed)), concept)
 
 
 def test_pos_distribution() -> None:
-    task = PosTask()
+    task = PosTask(version=1)
     rng = np.random.default_rng(0)
     samples = [task.sample("noun", rng) for _ in range(600)]
     positions = Counter(ex.input.split(" ").index(ex.answer) for ex in samples)
@@ -186,11 +191,13 @@ def test_bitwise_leading_zeros_kept() -> None:
 # ---------------------------------------------------------------- shared properties
 
 
-@pytest.mark.parametrize("name", ["pos", "bitwise"])
+@pytest.mark.parametrize(
+    ("name", "params"), [("pos", {}), ("pos", {"version": 1}), ("bitwise", {}), ("first-last", {})]
+)
 @PROPERTY
 @given(seed=SEEDS)
-def test_same_seed_same_examples(name: str, seed: int) -> None:
-    task = get_task(name)
+def test_same_seed_same_examples(name: str, params: dict, seed: int) -> None:
+    task = get_task(name, **params)
     for concept in task.concepts:
         a = [task.sample(concept, rng) for rng in [np.random.default_rng(seed)] for _ in range(3)]
         b = [task.sample(concept, rng) for rng in [np.random.default_rng(seed)] for _ in range(3)]
@@ -200,7 +207,7 @@ def test_same_seed_same_examples(name: str, seed: int) -> None:
     assert len(inputs) == 1
 
 
-@pytest.mark.parametrize("name", ["pos", "bitwise"])
+@pytest.mark.parametrize("name", ["pos", "bitwise", "first-last"])
 def test_different_seeds_differ(name: str) -> None:
     task = get_task(name)
     inputs = {task.sample(task.concepts[0], np.random.default_rng(s)).input for s in range(50)}
@@ -216,7 +223,7 @@ def test_every_concept_sampleable(name: str, concept: str) -> None:
     assert ex.input and ex.answer
 
 
-@pytest.mark.parametrize("name", ["pos", "bitwise"])
+@pytest.mark.parametrize("name", ["pos", "bitwise", "first-last"])
 def test_unknown_concept(name: str) -> None:
     with pytest.raises(ValueError, match="has no concept 'bogus'.*null"):
         get_task(name).sample("bogus", np.random.default_rng(0))
@@ -231,11 +238,76 @@ def test_bitwise_bad_width(width: object) -> None:
 def test_bad_params() -> None:
     with pytest.raises(ValueError, match="only parameter is `width`"):
         get_task("bitwise", widht=4)
-    with pytest.raises(ValueError, match="takes no parameters"):
+    with pytest.raises(ValueError, match=r"unknown parameter\(s\) \['width'\].*only parameter is `version`"):
         get_task("pos", width=4)
+    with pytest.raises(ValueError, match="takes no parameters"):
+        get_task("first-last", treebank="x")
 
 
 def test_versions_and_names() -> None:
-    assert (PosTask.name, PosTask.version) == ("pos", "1")
+    assert (PosTask.name, PosTask.version) == ("pos", "2")  # the class attribute is the default version
     assert (BitwiseTask.name, BitwiseTask.version) == ("bitwise", "1")
-    assert PosTask().info()["params"] == {}
+    assert PosTask().info()["params"] == {} and PosTask().info()["version"] == "2"
+    v1 = get_task("pos", version=1)
+    assert v1.info()["version"] == v1.version == "1" and v1.params == {"version": 1}
+    assert PosTask.version == "2"  # an instance's version does not change the class's
+
+
+# ---------------------------------------------------------------- lexical features and pairs
+
+
+def test_bitwise_lexical_features() -> None:
+    task = BitwiseTask(width=3)
+    feats = task.lexical_features(["101", "001", "111", "000"])
+    assert feats == {"ones@0": 0.5, "ones@1": 0.25, "ones@2": 0.75, "ones": 0.5}
+    assert task.lexical_features([]) == {"ones@0": 0.0, "ones@1": 0.0, "ones@2": 0.0, "ones": 0.0}
+    # an operator's answers have its signature: AND is mostly zeros, OR mostly ones
+    rng = np.random.default_rng(0)
+    wide = BitwiseTask(width=5)
+    ones = {
+        c: wide.lexical_features([wide.sample(c, rng).answer for _ in range(400)])["ones"]
+        for c in ("and", "or")
+    }
+    assert ones["and"] < 0.35 < 0.65 < ones["or"]
+
+
+def test_pos_v1_lexical_features_are_the_word_lists() -> None:
+    task = PosTask(version=1)
+    feats = task.lexical_features(["elephant", "ate", "happy", "quickly", "about", "she", "the", "zzz"])
+    assert set(feats) == {*POS_CONCEPTS, "other"}
+    assert all(feats[t] == 1 / 8 for t in POS_CONCEPTS) and feats["other"] == 2 / 8
+    assert task.lexical_features([]) == dict.fromkeys((*POS_CONCEPTS, "other"), 0.0)
+
+
+def test_generator_tasks_have_no_pools() -> None:
+    for name in ("pos", "bitwise", "first-last"):
+        task = get_task(name)
+        assert task.pool("demo") is None and task.pool("query") is None
+        with pytest.raises(NotImplementedError, match="no finite pools"):
+            task.from_pool("x", task.concepts[0], np.random.default_rng(0))
+    assert get_task("bitwise").pairs == ()
+    assert get_task("first-last").pairs == (("first_noun", "last_noun"), ("first_verb", "last_verb"))
+
+
+@pytest.mark.parametrize(
+    ("pairs", "match"),
+    [
+        ((("a", "zz"),), "'zz', which is not one of its concepts"),
+        ((("a", "null"),), "includes 'null'"),
+        ((("a", "a"),), "with itself"),
+        ((("a",),), r"must be a \(concept, concept\) tuple"),
+        ([("a", "b")], "must be a tuple"),
+    ],
+)
+def test_registry_checks_pairs(pairs: object, match: str) -> None:
+    class Paired(ConceptTask):
+        concepts = ("a", "b", "null")
+
+        def sample(self, concept: str, rng: np.random.Generator) -> Example:
+            raise NotImplementedError
+
+    Paired.pairs = pairs  # type: ignore[assignment]
+    with pytest.raises(ValueError, match=match):
+        _validate(Paired, "paired")
+    Paired.pairs = (("a", "b"),)
+    _validate(Paired, "paired")

@@ -35,6 +35,23 @@ def _layers_option(value: str | None) -> object | None:
         raise typer.BadParameter(f"--layers takes 'all' or comma-separated integers, got {value!r}") from None
 
 
+def _task_params(items: list[str]) -> dict[str, object]:
+    """``KEY=VALUE`` strings as a mapping; values are read as YAML scalars (``width=4`` is an integer)."""
+    import yaml
+
+    out: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"--param takes KEY=VALUE, got {item!r} (e.g. --param width=4)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value
+        out[key.strip()] = parsed if isinstance(parsed, (str, int, float, bool)) or parsed is None else value
+    return out
+
+
 def _default_out(model: str, task: str, shots: int, seed: int) -> Path:
     name = Path(model).stem if model.endswith(".gguf") else model.replace("/", "--")
     return Path("results") / "runs" / f"{name}_{task}_{shots}shot_seed{seed}"
@@ -57,6 +74,12 @@ def run(
         None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [1024]."
     ),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
+    param: list[str] | None = typer.Option(
+        None,
+        "--param",
+        "-p",
+        help="A task parameter KEY=VALUE (repeatable), e.g. -p treebank=path/to/en_ewt-ud-dev.conllu.",
+    ),
     out: Path | None = typer.Option(
         None, "--out", "-o", help="Run folder [results/runs/<model>_<task>_...]."
     ),
@@ -91,6 +114,8 @@ def run(
         "max_batch_tokens": max_batch_tokens,
         "knn_k": knn_k,
     }
+    if param:
+        overrides["task_params"] = {**dict(base.get("task_params") or {}), **_task_params(param)}
     for required in ("model", "task"):
         if required not in base and overrides[required] is None:
             raise ConfigError(

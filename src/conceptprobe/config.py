@@ -45,7 +45,19 @@ class RunConfig(BaseModel):
     knn_k: int = Field(10, ge=1)
     knn_metric: Literal["euclidean", "cosine"] = "euclidean"
     standardize: bool = True
-    probe_folds: int = Field(5, ge=2)
+    probe_folds: int = Field(
+        5, ge=2, description="cross-validation folds of the probe (fewer when a concept has fewer prompts)"
+    )
+    n_permutations: int = Field(
+        100, ge=1, le=100_000, description="label permutations of the k-NN null, per layer"
+    )
+    probe_permutations: int = Field(
+        20, ge=0, le=10_000, description="label permutations of the probe null (refitted each time)"
+    )
+    probe_null_layers: int = Field(
+        6, ge=1, description="evenly spaced layers (plus the probe's peaks) that get a probe null"
+    )
+    n_bootstrap: int = Field(1000, ge=10, le=1_000_000, description="bootstrap resamples of the intervals")
     prompt_format: PromptFormat = Field(default_factory=PromptFormat)
     save_activations: bool = True
 
@@ -72,19 +84,48 @@ class RunConfig(BaseModel):
             raise ValueError("positions has duplicates")
         return value
 
-    @model_validator(mode="after")
-    def _enough_prompts(self) -> RunConfig:
-        if self.n < self.probe_folds:
-            raise ValueError(
-                f"n={self.n} prompts per concept is fewer than probe_folds={self.probe_folds}; "
-                "raise n or lower probe_folds"
-            )
-        return self
-
     def fingerprint(self) -> str:
-        """A hash of every field that changes results (batching excluded: results do not depend on it)."""
-        data = self.model_dump(mode="json", exclude={"batch_size", "max_batch_tokens", "save_activations"})
+        """A hash of the fields that change what is captured (:data:`CAPTURE_FIELDS`): the run's identity.
+
+        Fields left at None are omitted, so an optional setting added later does not change the fingerprints
+        of earlier runs. Measure settings (:data:`MEASURE_FIELDS`) are not part of it: changing them makes
+        a rerun recompute the measures from the stored activations, without the model.
+        """
+        dump = self.model_dump(mode="json")
+        data = {k: dump[k] for k in CAPTURE_FIELDS if dump[k] is not None}
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def measure_settings(self) -> dict[str, Any]:
+        """The settings of the measures computed from the captured activations."""
+        dump = self.model_dump(mode="json")
+        return {k: dump[k] for k in MEASURE_FIELDS}
+
+
+#: RunConfig fields that change the prompts, the captured activations or the predictions.
+CAPTURE_FIELDS = (
+    "model",
+    "task",
+    "task_params",
+    "shots",
+    "n",
+    "seed",
+    "dtype",
+    "layers",
+    "positions",
+    "max_new_tokens",
+    "prompt_format",
+)
+#: RunConfig fields that change only the measures computed from the activations.
+MEASURE_FIELDS = (
+    "knn_k",
+    "knn_metric",
+    "standardize",
+    "probe_folds",
+    "n_permutations",
+    "probe_permutations",
+    "probe_null_layers",
+    "n_bootstrap",
+)
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:

@@ -34,10 +34,10 @@ from conceptprobe.batching import plan_batches
 from conceptprobe.capture import ResidualCapture
 from conceptprobe.config import RunConfig
 from conceptprobe.generation import capture_and_generate, encode
-from conceptprobe.measures.decodability import decodability_peak, knn_decodability, probe_accuracy
+from conceptprobe.measures.decodability import decodability_peak
 from conceptprobe.models import LoadedModel, load_model
 from conceptprobe.prompts import Prompt
-from conceptprobe.store import RunStore, git_revision, now, package_versions, sha256_of
+from conceptprobe.store import RunStore, git_revision, now, package_versions, same_measures, sha256_of
 from conceptprobe.tasks.base import ConceptTask
 from conceptprobe.validate import check_layers, check_model_ref, check_prompts, check_task
 
@@ -175,9 +175,28 @@ def collect(
 
 
 def measure(
-    config: RunConfig, loaded_info: dict[str, Any], task: ConceptTask, store: RunStore, layers: list[int]
+    config: RunConfig,
+    loaded_info: dict[str, Any],
+    task: ConceptTask,
+    store: RunStore,
+    layers: list[int],
+    prompts: dict[str, list[Prompt]],
 ) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
-    """ICL accuracy, k-NN decodability and probe accuracy from the shards, in long form."""
+    """ICL accuracy and the decodability suite with its controls, from the shards, in long form.
+
+    See :mod:`conceptprobe.measures.suite` for the decodability metrics; here the run adds ICL accuracy per
+    concept, over every prompt (``all``) and without ``null`` (``all_but_null``, the headline), with
+    bootstrap intervals, and the demonstration reuse rates of the prompts (``demo_reuse_rate``,
+    ``query_reuse_rate``).
+    """
+    import numpy as np
+
+    from conceptprobe.measures.controls import bootstrap_interval
+    from conceptprobe.measures.suite import SuiteSettings, decodability_suite
+    from conceptprobe.measures.surface import surface_features
+    from conceptprobe.prompts import reuse_stats
+    from conceptprobe.tasks.base import NULL_CONCEPT
+
     concepts = list(task.concepts)
     acts, labels, predictions = [], [], []
     for concept in concepts:
@@ -186,6 +205,7 @@ def measure(
         labels += [concept] * a.shape[0]
         predictions += meta["predictions"]
     X = torch.cat(acts)  # [N, L, P, d]
+    ordered = [p for c in concepts for p in prompts[c]]
     base = {
         "model": loaded_info["ref"],
         "family": loaded_info["family"],
@@ -196,76 +216,208 @@ def measure(
     }
     rows: list[dict[str, Any]] = []
 
-    def add(concept: str, layer: int | None, position: int | None, metric: str, value: float) -> None:
-        rows.append(
-            {
-                **base,
-                "concept": concept,
-                "layer": layer,
-                "position": position,
-                "metric": metric,
-                "value": float(value),
-            }
-        )
+    def add(row: dict[str, Any], position: int | None) -> None:
+        rows.append({**base, **row, "position": position})
 
-    correct = pd.Series([p["correct"] for p in predictions], index=[p["concept"] for p in predictions])
+    def scalar(concept: str, metric: str, value: float, n: int) -> None:
+        add({"concept": concept, "layer": None, "metric": metric, "value": float(value), "n": n}, None)
+
+    correct = np.array([bool(p["correct"]) for p in predictions], dtype=float)
+    y = np.array([concepts.index(c) for c in labels])
     for concept in concepts:
-        add(concept, None, None, "icl_accuracy", correct[concept].mean())
-    add("all", None, None, "icl_accuracy", correct.mean())
+        mask = np.asarray(labels) == concept
+        scalar(concept, "icl_accuracy", correct[mask].mean(), int(mask.sum()))
+    for name, mask in (
+        ("all", np.ones(len(labels), dtype=bool)),
+        ("all_but_null", np.asarray(labels) != NULL_CONCEPT),
+    ):
+        if not mask.any():
+            continue
+        low, high = bootstrap_interval(correct[mask], y[mask], config.n_bootstrap, seed=config.seed)
+        scalar(name, "icl_accuracy", correct[mask].mean(), int(mask.sum()))
+        scalar(name, "icl_accuracy_ci_low", low, int(mask.sum()))
+        scalar(name, "icl_accuracy_ci_high", high, int(mask.sum()))
+    for concept in concepts:
+        stats = reuse_stats(prompts[concept])
+        scalar(concept, "demo_reuse_rate", stats["demo_reuse_rate"], int(stats["demo_draws"]))
+        scalar(concept, "query_reuse_rate", stats["query_reuse_rate"], len(prompts[concept]))
+    draws = [reuse_stats(prompts[c]) for c in concepts]
+    total = sum(d["demo_draws"] for d in draws)
+    scalar("all", "demo_reuse_rate", sum(d["demo_reused"] for d in draws) / total if total else 0.0, total)
+
+    settings = SuiteSettings(
+        k=config.knn_k,
+        metric=config.knn_metric,
+        standardize=config.standardize,
+        folds=config.probe_folds,
+        seed=config.seed,
+        n_permutations=config.n_permutations,
+        probe_permutations=config.probe_permutations,
+        probe_null_layers=config.probe_null_layers,
+        n_bootstrap=config.n_bootstrap,
+    )
+    surface = surface_features(ordered, task)
+    pairs = tuple(getattr(task, "pairs", ()) or ())
     for pi, position in enumerate(config.positions):
         per_layer = X[:, :, pi, :].permute(1, 0, 2).contiguous()  # [L, N, d]
-        knn = knn_decodability(
-            per_layer, labels, k=config.knn_k, metric=config.knn_metric, standardize=config.standardize
+        suite = decodability_suite(
+            per_layer, labels, layers, surface=surface if pi == 0 else None, pairs=pairs, settings=settings
         )
-        probe = probe_accuracy(
-            per_layer, labels, folds=config.probe_folds, seed=config.seed, standardize=config.standardize
-        )
-        for li, layer in enumerate(layers):
-            add("all", layer, position, "cd_knn", knn.overall[li])
-            add("all", layer, position, "probe_accuracy", probe.overall[li])
-            for concept in concepts:
-                add(concept, layer, position, "cd_knn", knn.per_concept[concept][li])
-                add(concept, layer, position, "probe_accuracy", probe.per_concept[concept][li])
+        for row in suite:  # surface baselines do not depend on the position: stored once, without one
+            add(row, None if row["layer"] is None and row["metric"].startswith("surface_") else position)
     frame = pd.DataFrame(rows)
     frame["layer"] = frame["layer"].astype("Int64")
     frame["position"] = frame["position"].astype("Int64")
+    frame["n"] = frame["n"].astype("int64")
     return frame, predictions
 
 
+def _metric_at(frame: pd.DataFrame, metric: str, concept: str = "all", layer: int | None = None) -> float:
+    """One value of the long-form frame (NaN when absent); ``layer`` None selects layer-free rows."""
+    sel = frame[(frame["metric"] == metric) & (frame["concept"] == concept)]
+    sel = sel[sel["layer"].isna()] if layer is None else sel[sel["layer"] == layer]
+    return float(sel["value"].iloc[0]) if len(sel) else float("nan")
+
+
+def headline(frame: pd.DataFrame, position: int = 0) -> dict[str, Any]:
+    """The numbers a run is quoted by, each with its interval, control and n (stored in ``run.json``)."""
+    sel = frame[(frame["position"] == position) | frame["position"].isna()]
+    knn = sel[(sel["metric"] == "cd_knn") & (sel["concept"] == "all") & sel["layer"].notna()]
+    knn = knn.set_index("layer")["value"].sort_index()
+    held = sel[(sel["metric"] == "cd_knn_heldout_peak") & (sel["concept"] == "all")]
+    out: dict[str, Any] = {
+        "position": position,
+        "peak_layer_in_sample": int(knn.index[decodability_peak(knn.to_numpy())]),
+        "cd_knn_peak_in_sample": float(knn.max()),
+    }
+    acc = "all_but_null" if (sel["concept"] == "all_but_null").any() else "all"
+    out["icl_accuracy"] = {
+        "concepts": acc,
+        "value": _metric_at(sel, "icl_accuracy", acc),
+        "ci": [_metric_at(sel, "icl_accuracy_ci_low", acc), _metric_at(sel, "icl_accuracy_ci_high", acc)],
+        "n": int(sel[(sel["metric"] == "icl_accuracy") & (sel["concept"] == acc)]["n"].iloc[0]),
+        "with_null": _metric_at(sel, "icl_accuracy", "all"),
+    }
+    if len(held):
+        layer = int(held["layer"].iloc[0])
+        out["heldout_peak_layer"] = layer
+        out["cd_knn_heldout_peak"] = {
+            "value": float(held["value"].iloc[0]),
+            "ci": [
+                _metric_at(sel, "cd_knn_heldout_peak_ci_low", layer=layer),
+                _metric_at(sel, "cd_knn_heldout_peak_ci_high", layer=layer),
+            ],
+            "n": int(held["n"].iloc[0]),
+            "null_p95": _metric_at(sel, "cd_knn_null_p95", layer=layer),
+            "p_value": _metric_at(sel, "cd_knn_p_value", layer=layer),
+            "selectivity": _metric_at(sel, "cd_knn_heldout_selectivity", layer=layer),
+            "selectivity_ci": [
+                _metric_at(sel, "cd_knn_heldout_selectivity_ci_low", layer=layer),
+                _metric_at(sel, "cd_knn_heldout_selectivity_ci_high", layer=layer),
+            ],
+        }
+    surface = sel[sel["metric"].str.match(r"^surface_[a-z]+_(knn|probe)$") & (sel["concept"] == "all")]
+    if len(surface):
+        best = surface.loc[surface["value"].idxmax()]
+        out["surface_baseline"] = {
+            "value": float(best["value"]),
+            "reader": best["metric"].removeprefix("surface_"),
+        }
+    return out
+
+
 def summary_table(frame: pd.DataFrame, position: int = 0) -> tuple[str, int]:
-    """The printed summary (per-layer CD, then per concept at the peak layer) and the peak layer."""
+    """The printed summary (per-layer decodability with its controls, per concept at the held-out peak
+    layer, then the headline numbers) and the in-sample peak layer."""
     from rich.table import Table
 
     sel = frame[(frame["position"] == position) | frame["position"].isna()]
-    layer_rows = sel[(sel["concept"] == "all") & sel["layer"].notna()]
-    knn = layer_rows[layer_rows["metric"] == "cd_knn"].set_index("layer")["value"].sort_index()
-    probe = layer_rows[layer_rows["metric"] == "probe_accuracy"].set_index("layer")["value"].sort_index()
-    peak = int(knn.index[decodability_peak(knn.to_numpy())])
-    console = Console(record=True, width=100, file=io.StringIO(), color_system=None)
-    t1 = Table(title="Concept decodability per layer (all concepts)")
-    t1.add_column("layer", justify="right")
-    t1.add_column("cd_knn", justify="right")
-    t1.add_column("probe", justify="right")
-    t1.add_column("", justify="left")
-    for layer in knn.index:
-        mark = "◀ peak" if layer == peak else ""
+    head = headline(frame, position)
+    peak = head["peak_layer_in_sample"]
+    chosen = head.get("heldout_peak_layer", peak)
+    layer_ids = sorted(
+        int(v) for v in sel[(sel["metric"] == "cd_knn") & sel["layer"].notna()]["layer"].unique()
+    )
+    console = Console(record=True, width=110, file=io.StringIO(), color_system=None)
+    t1 = Table(title="Concept decodability per layer (all concepts; [95% CI]; null = label permutations)")
+    for col in ("layer", "cd_knn [CI]", "null p95", "probe", "cd_knn − surface", ""):
+        t1.add_column(col, justify="left" if col == "" else "right")
+    for layer in layer_ids:
+        mark = " ◀ peak (in-sample)" if layer == peak else ""
+        mark += " ◀ held-out choice" if layer == chosen else ""
+        value = _metric_at(sel, "cd_knn", layer=layer)
         t1.add_row(
             str(layer),
-            f"{knn[layer]:.3f}",
-            f"{probe[layer]:.3f}",
-            ("█" * round(knn[layer] * 30)) + " " + mark,
+            f"{value:.3f} [{_metric_at(sel, 'cd_knn_ci_low', layer=layer):.2f}, "
+            f"{_metric_at(sel, 'cd_knn_ci_high', layer=layer):.2f}]",
+            f"{_metric_at(sel, 'cd_knn_null_p95', layer=layer):.3f}",
+            f"{_metric_at(sel, 'probe_accuracy', layer=layer):.3f}",
+            f"{_metric_at(sel, 'cd_knn_selectivity', layer=layer):+.3f}",
+            ("█" * round(value * 30)) + mark,
         )
-    t2 = Table(title=f"Per concept: ICL accuracy, and decodability at the peak layer ({peak})")
-    for col in ("concept", "icl_accuracy", "cd_knn", "probe"):
+    t2 = Table(title=f"Per concept: ICL accuracy, and decodability at the held-out peak layer ({chosen})")
+    for col in ("concept", "n", "icl_accuracy", "cd_knn", "probe"):
         t2.add_column(col, justify="right" if col != "concept" else "left")
-    acc = sel[sel["metric"] == "icl_accuracy"].set_index("concept")["value"]
-    at_peak = sel[sel["layer"] == peak]
-    cd = at_peak[at_peak["metric"] == "cd_knn"].set_index("concept")["value"]
-    pr = at_peak[at_peak["metric"] == "probe_accuracy"].set_index("concept")["value"]
-    for concept in [c for c in acc.index if c != "all"] + ["all"]:
-        t2.add_row(concept, f"{acc[concept]:.2f}", f"{cd[concept]:.3f}", f"{pr[concept]:.3f}")
+    acc = sel[(sel["metric"] == "icl_accuracy")].set_index("concept")
+    per = [c for c in acc.index if c not in ("all", "all_but_null")]
+    for concept in [*per, "all_but_null", "all"]:
+        if concept not in acc.index:
+            continue
+        cd = _metric_at(sel, "cd_knn", concept, chosen) if concept != "all_but_null" else float("nan")
+        pr = _metric_at(sel, "probe_accuracy", concept, chosen) if concept != "all_but_null" else float("nan")
+        t2.add_row(
+            concept,
+            str(int(acc.loc[concept, "n"])),
+            f"{acc.loc[concept, 'value']:.2f}",
+            f"{cd:.3f}",
+            f"{pr:.3f}",
+        )
     console.print(t1)
     console.print(t2)
+    pairs = sorted(c for c in sel["concept"].unique() if "|" in c)
+    if pairs:
+        t3 = Table(title="Concept pairs sharing an answer class (chance 0.5): held-out peak vs controls")
+        for col in ("pair", "layer", "cd_knn [CI]", "null p95", "surface baseline", "n"):
+            t3.add_column(col, justify="left" if col == "pair" else "right")
+        for pair in pairs:
+            held = sel[(sel["metric"] == "cd_knn_heldout_peak") & (sel["concept"] == pair)]
+            if not len(held):
+                continue
+            layer = int(held["layer"].iloc[0])
+            t3.add_row(
+                pair,
+                str(layer),
+                f"{held['value'].iloc[0]:.3f} [{_metric_at(sel, 'cd_knn_heldout_peak_ci_low', pair, layer):.2f}, "
+                f"{_metric_at(sel, 'cd_knn_heldout_peak_ci_high', pair, layer):.2f}]",
+                f"{_metric_at(sel, 'cd_knn_null_p95', pair, layer):.3f}",
+                f"{_metric_at(sel, 'surface_baseline', pair):.3f}",
+                str(int(held["n"].iloc[0])),
+            )
+        console.print(t3)
+    lines = [
+        f"ICL accuracy ({head['icl_accuracy']['concepts']}): {head['icl_accuracy']['value']:.3f} "
+        f"[{head['icl_accuracy']['ci'][0]:.3f}, {head['icl_accuracy']['ci'][1]:.3f}], n={head['icl_accuracy']['n']} "
+        f"(with null: {head['icl_accuracy']['with_null']:.3f})",
+    ]
+    if "cd_knn_heldout_peak" in head:
+        h = head["cd_knn_heldout_peak"]
+        lines.append(
+            f"cd_knn at the held-out peak layer {chosen}: {h['value']:.3f} [{h['ci'][0]:.3f}, {h['ci'][1]:.3f}], "
+            f"n={h['n']}; permutation null p95 {h['null_p95']:.3f} (p={h['p_value']:.3f}); in-sample peak "
+            f"{head['cd_knn_peak_in_sample']:.3f} at layer {peak} (optimistic)"
+        )
+    if "surface_baseline" in head:
+        sb = head["surface_baseline"]
+        h = head.get("cd_knn_heldout_peak", {})
+        lines.append(
+            f"surface baseline (strongest model-free reader: {sb['reader']}): {sb['value']:.3f}; cd_knn − baseline "
+            f"at the held-out peak: {h.get('selectivity', float('nan')):+.3f} "
+            f"[{h.get('selectivity_ci', [float('nan')] * 2)[0]:+.3f}, {h.get('selectivity_ci', [float('nan')] * 2)[1]:+.3f}]"
+        )
+    reuse = _metric_at(sel, "demo_reuse_rate")
+    if reuse == reuse:
+        lines.append(f"demonstration reuse across prompts of a concept: {reuse:.1%}")
+    console.print("\n".join(lines), highlight=False, markup=False)
     return console.export_text(), peak
 
 
@@ -294,7 +446,12 @@ def run(
     task, prompts = check_task(config, tasks_dir)
     store = RunStore(out, config, overwrite=overwrite)
     previous = store.check()
-    if loaded is None and previous is not None and not store.verify_outputs(previous):
+    if (
+        loaded is None
+        and previous is not None
+        and same_measures(previous, config)
+        and not store.verify_outputs(previous)
+    ):
         return _stored_result(store, task)  # complete and verified (a caller passing a model wants it run)
     model_info: dict[str, Any] | None = None
     if loaded is None and _shards_complete(store, previous, prompts, config):
@@ -342,7 +499,7 @@ def run(
     timings["capture_generate_s"] = round(time.perf_counter() - t1, 2)
     timings.update({k: round(v, 2) for k, v in split.items()})  # the two parts of capture_generate_s
     t2 = time.perf_counter()
-    frame, predictions = measure(config, model_info, task, store, layers)
+    frame, predictions = measure(config, model_info, task, store, layers, prompts)
     timings["measures_s"] = round(time.perf_counter() - t2, 2)
     table, peak = summary_table(frame, config.positions[0])
     outputs = {
@@ -358,6 +515,7 @@ def run(
         timings=timings,
         resumed_concepts=resumed,
         peak_layer=peak,
+        headline=headline(frame, config.positions[0]),
         n_prompts=len(predictions),
         outputs=outputs,
     )

@@ -36,7 +36,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conceptprobe.config import ConfigError, RunConfig
+from conceptprobe.config import CAPTURE_FIELDS, ConfigError, RunConfig
 
 if TYPE_CHECKING:  # torch, pandas and safetensors are imported where used: checking a folder needs none
     import pandas as pd
@@ -55,6 +55,8 @@ METRIC_COLUMNS = [
     "value",
     "seed",
 ]
+#: Probe runs add ``n``: the number of prompts each value rests on.
+PROBE_METRIC_COLUMNS = [*METRIC_COLUMNS, "n"]
 _VERSIONED = (
     "conceptprobe",
     "torch",
@@ -99,6 +101,46 @@ def _fsync_dir(folder: Path) -> None:
 def temp_path(path: Path) -> Path:
     """The temporary name ``path`` is written under before its rename (``.<name>.tmp<pid>``)."""
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp(?P<pid>\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):  # alive (another user's), or not a pid at all
+        return True
+    return True
+
+
+def stale_temps(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Temporary files ``.<name>.tmp<pid>`` directly in ``folder`` whose writer (``pid``) is gone.
+
+    With ``names``, only temporaries of those file names. Symbolic links are never listed; nothing below
+    ``folder`` is searched.
+    """
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    allowed = set(names) if names is not None else None
+    found = []
+    for entry in folder.iterdir():
+        m = _TEMP.match(entry.name)
+        if not m or entry.is_symlink() or not entry.is_file():
+            continue
+        if allowed is not None and m["name"] not in allowed:
+            continue
+        if not _pid_alive(int(m["pid"])):
+            found.append(entry)
+    return sorted(found)
+
+
+def remove_stale_temps(folder: Path, names: Iterable[str] | None = None) -> None:
+    """Delete :func:`stale_temps` of ``folder`` (a killed writer's leftovers; never a live writer's)."""
+    for tmp in stale_temps(folder, names):
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -182,12 +224,16 @@ def safetensors_bytes(name: str, tensor: torch.Tensor, metadata: dict[str, str])
 
 
 def config_diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Keys whose values differ between two config dumps (batch size and activation saving excluded)."""
-    return sorted(
-        k
-        for k in set(old) | set(new)
-        if k not in ("batch_size", "save_activations") and old.get(k) != new.get(k)
-    )
+    """Capture settings (the fingerprint's fields) whose values differ between two config dumps."""
+    return sorted(k for k in CAPTURE_FIELDS if old.get(k) != new.get(k))
+
+
+def same_measures(record: dict[str, Any], config: RunConfig) -> bool:
+    """Whether a run record's measures were computed with ``config``'s measure settings."""
+    stored = record.get("config") or {}
+    defaults = RunConfig.model_fields
+    current = config.measure_settings()
+    return all(stored.get(k, defaults[k].default) == v for k, v in current.items())
 
 
 class RunStore:
@@ -199,6 +245,8 @@ class RunStore:
         self.overwrite = overwrite
         self._verified: dict[str, tuple[int, int, str | None]] = {}  # concept -> (mtime_ns, size, sha256)
         self.corrupt: dict[str, str] = {}  # concept -> why its shard was deleted (reported by the run)
+        self._replaced: dict[str, Any] | None = None  # the run.json of a run --overwrite replaces
+        self._unreadable = False  # its run.json could not be read
 
     @property
     def run_json(self) -> Path:
@@ -234,27 +282,35 @@ class RunStore:
     def check(self) -> dict[str, Any] | None:
         """Check the folder against this config without changing anything; the previous run.json, if any.
 
-        With ``overwrite`` a folder of another config (or a non-run folder) is accepted (and returns None):
-        :meth:`prepare` clears it later, once everything else has been checked.
+        With ``overwrite`` a run of another config (or one whose run.json is unreadable) is accepted (and
+        returns None): :meth:`prepare` clears it later, once everything else has been checked. A folder that
+        holds other things but no run is never overwritten, and an ``activations`` link is refused: a run
+        writes and deletes only inside its own folder.
         """
         if self.folder.exists() and not self.folder.is_dir():
             raise ConfigError(f"output path {self.folder} exists and is not a folder; choose another --out")
+        if self.shard_dir.is_symlink() or (self.shard_dir.exists() and not self.shard_dir.is_dir()):
+            raise ConfigError(
+                f"{self.shard_dir} is a symbolic link or not a folder; a run writes and deletes only inside its "
+                "own folder: remove it, or choose another --out"
+            )
         try:
             previous = self.read_run_json()
         except ConfigError:
             if self.overwrite:
+                self._unreadable = True
                 return None
             raise
         if previous is None:
             stray = sorted(
                 p.name
                 for p in (self.folder.iterdir() if self.folder.is_dir() else ())
-                if ".tmp" not in p.name
+                if not _TEMP.match(p.name)
             )
-            if stray and not self.overwrite:
+            if stray:
                 raise ConfigError(
                     f"output folder {self.folder} is not empty and holds no run ({', '.join(stray[:5])}); "
-                    "choose another --out or pass --overwrite"
+                    "choose another --out (--overwrite replaces only an earlier run)"
                 )
             return None
         if previous.get("fingerprint") != self.config.fingerprint():
@@ -264,25 +320,44 @@ class RunStore:
                     f"output folder {self.folder} holds a run of a different config (differs in: "
                     f"{', '.join(diff) or 'fingerprint'}); choose another --out, or pass --overwrite to replace it"
                 )
+            self._replaced = previous
             return None
         return previous
 
     def prepare(self) -> dict[str, Any] | None:
         """Check the folder, remove temporaries of killed writers, clear it where ``overwrite`` allows."""
         previous = self.check()
-        if self.folder.is_dir():  # temporaries of a killed writer are never results
-            for tmp in self.folder.rglob(".*.tmp*"):
-                tmp.unlink(missing_ok=True)
+        remove_stale_temps(self.folder, ("run.json", *OUTPUTS))  # a killed writer's leftovers, never results
+        remove_stale_temps(self.shard_dir)
         if previous is None and self.overwrite and self.folder.is_dir():
             self.clear()
         return previous
 
+    def _own_files(self) -> list[Path]:
+        """The files of the run being replaced: its records, outputs and the shards it lists.
+
+        When its run.json could not be read, the shards are those in ``activations/`` that carry a
+        conceptprobe shard header (a ``concept`` and ``layers`` in their metadata).
+        """
+        files = [self.folder / name for name in ("run.json", *OUTPUTS)]
+        record = getattr(self, "_replaced", None) or {}
+        listed = set(record.get("shards") or {}) | {
+            rel.removeprefix("activations/").removesuffix(".safetensors")
+            for rel in record.get("outputs") or {}
+            if rel.startswith("activations/")
+        }
+        if getattr(self, "_unreadable", False) and self.shard_dir.is_dir():
+            listed |= {p.stem for p in self.shard_dir.glob("*.safetensors") if _is_shard(p)}
+        files += [self.shard_dir / f"{c}.safetensors" for c in sorted(listed) if _SAFE_NAME.match(c)]
+        return files
+
     def clear(self) -> None:
-        for name in ("run.json", *OUTPUTS):
-            (self.folder / name).unlink(missing_ok=True)
-        if self.shard_dir.is_dir():
-            for shard in self.shard_dir.glob("*.safetensors"):
-                shard.unlink()
+        """Delete the replaced run's own files (never through a symbolic link, never anything else)."""
+        for path in self._own_files():
+            if path.is_symlink():
+                path.unlink()  # the link itself, never its target
+            elif path.is_file():
+                path.unlink()
 
     def write_run_json(self, data: dict[str, Any]) -> None:
         atomic_write_text(self.run_json, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
@@ -409,6 +484,22 @@ class RunStore:
             elif sha256_of(path) != expected:
                 problems.append(f"{rel} is corrupt (checksum mismatch)")
         return problems
+
+
+def _is_shard(path: Path) -> bool:
+    """Whether ``path`` is a conceptprobe shard: a regular safetensors file with a concept and layers."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with path.open("rb") as fh:
+            size = struct.unpack("<Q", fh.read(8))[0]
+            if size > 1 << 26:
+                return False
+            header = json.loads(fh.read(size))
+    except (OSError, struct.error, ValueError):
+        return False
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return isinstance(meta, dict) and "concept" in meta and "layers" in meta
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:

@@ -37,6 +37,7 @@ __all__ = [
     "ProbeResult",
     "decodability_peak",
     "knn_decodability",
+    "knn_vote",
     "probe_accuracy",
     "stratified_fold_ids",
 ]
@@ -49,7 +50,9 @@ class KnnResult:
     """Leave-one-out k-NN decodability per layer.
 
     ``overall[l]`` is the fraction of points classified correctly at layer ``l``; ``per_concept[c][l]`` the
-    recall of concept ``c``; ``predictions[l, i]`` the predicted class index (into ``classes``) of point ``i``.
+    recall of concept ``c``; ``predictions[l, i]`` the predicted class index (into ``classes``) of point ``i``;
+    ``neighbours[l, i]`` the indices of its k nearest other points, nearest first (labels play no part in
+    them, so a permutation null recounts only the votes).
     """
 
     overall: np.ndarray
@@ -59,6 +62,13 @@ class KnnResult:
     k: int = 10
     metric: str = "euclidean"
     standardize: bool = True
+    neighbours: np.ndarray | None = None
+    y: np.ndarray | None = None  # the class index of each point (into ``classes``)
+
+    def correct(self) -> np.ndarray:
+        """``[n_layers, n]``: whether each point was classified correctly (leave-one-out)."""
+        assert self.y is not None
+        return self.predictions == self.y[None, :]
 
 
 @dataclass
@@ -83,6 +93,12 @@ class ProbeResult:
     C: float = 1.0
     standardize: bool = True
     info: dict[str, Any] = field(default_factory=dict)
+    y: np.ndarray | None = None  # the class index of each point (into ``classes``)
+
+    def correct(self) -> np.ndarray:
+        """``[n_layers, n]``: whether each point was classified correctly by the probe that held it out."""
+        assert self.y is not None
+        return self.predictions == self.y[None, :]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -173,7 +189,7 @@ def decodability_peak(overall: np.ndarray) -> int:
 # Leave-one-out k-NN
 
 
-def _knn_vote(nb: torch.Tensor, n_classes: int) -> torch.Tensor:
+def knn_vote(nb: torch.Tensor, n_classes: int) -> torch.Tensor:
     """Majority vote over neighbour labels ``nb`` [..., k] (ordered nearest first).
 
     Ties between classes go to the tied class whose nearest member among the k neighbours is closest.
@@ -186,11 +202,12 @@ def _knn_vote(nb: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 def _knn_predict(
     Xt: torch.Tensor, y_t: torch.Tensor, n_classes: int, k: int, metric: str, standardize: bool
-) -> torch.Tensor:
-    """Leave-one-out k-NN predictions [n_layers, n], a few layers at a time."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Leave-one-out k-NN predictions [n_layers, n] and neighbours [n_layers, n, k], a few layers at a time."""
     n_layers, n, _ = Xt.shape
     dtype = torch.float64 if Xt.dtype == torch.float64 else torch.float32
     preds = torch.empty(n_layers, n, dtype=torch.int64)
+    neighbours = torch.empty(n_layers, n, k, dtype=torch.int64)
     chunk = max(1, (1 << 24) // (n * n))  # bound the [chunk, n, n] distance block to ~64 MB in float32
     for start in range(0, n_layers, chunk):
         Z = Xt[start : start + chunk].to(dtype)
@@ -205,8 +222,10 @@ def _knn_predict(
             sq = (Z * Z).sum(dim=-1)
             D = (sq[:, :, None] + sq[:, None, :]).sub_(Z @ Z.mT, alpha=2.0).clamp_min_(0.0)
         D.diagonal(dim1=-2, dim2=-1).fill_(float("inf"))
-        preds[start : start + chunk] = _knn_vote(y_t[_nearest(D, k)], n_classes)
-    return preds
+        nb = _nearest(D, k)
+        neighbours[start : start + chunk] = nb
+        preds[start : start + chunk] = knn_vote(y_t[nb], n_classes)
+    return preds, neighbours
 
 
 def _nearest(dist: torch.Tensor, k: int) -> torch.Tensor:
@@ -252,10 +271,10 @@ def knn_decodability(
     if metric not in _METRICS:
         raise ValueError(f"metric must be one of {_METRICS}; got {metric!r}")
     with _torch_threads(num_threads):
-        preds = _knn_predict(Xt, torch.from_numpy(y), len(classes), k, metric, standardize)
+        preds, neighbours = _knn_predict(Xt, torch.from_numpy(y), len(classes), k, metric, standardize)
     pred = preds.numpy()
     overall, per_concept = _recalls(pred, y, classes)
-    return KnnResult(overall, per_concept, pred, classes, int(k), metric, standardize)
+    return KnnResult(overall, per_concept, pred, classes, int(k), metric, standardize, neighbours.numpy(), y)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -594,4 +613,5 @@ def probe_accuracy(
         float(C),
         standardize,
         info,
+        y,
     )

@@ -144,6 +144,10 @@ class SweepConfig(_RunDefaults):  # type: ignore[misc, valid-type]
     tasks: list[TaskEntry] = Field(min_length=1)
     shots: list[int] = Field(default_factory=lambda: [4], min_length=1)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    extra_seeds: dict[int, list[int]] = Field(
+        default_factory=dict,
+        description="more seeds for some shots values only, e.g. {4: [1, 2]} (a seed spread where it matters)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -183,6 +187,22 @@ class SweepConfig(_RunDefaults):  # type: ignore[misc, valid-type]
         if len(set(value)) != len(value):
             raise ValueError(f"seeds lists a value twice: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _extra_seeds(self) -> SweepConfig:
+        for shots, seeds in self.extra_seeds.items():
+            if shots not in self.shots:
+                raise ValueError(f"extra_seeds has shots {shots}, which is not in shots {self.shots}")
+            repeated = sorted(set(seeds) & set(self.seeds)) or sorted(
+                {s for s in seeds if seeds.count(s) > 1}
+            )
+            if repeated:
+                raise ValueError(f"extra_seeds for {shots} shots repeats seed(s) {repeated}")
+        return self
+
+    def seeds_for(self, shots: int) -> list[int]:
+        """The seeds of the units with ``shots`` demonstrations."""
+        return [*self.seeds, *self.extra_seeds.get(shots, [])]
 
     @model_validator(mode="after")
     def _unique(self) -> SweepConfig:

@@ -13,7 +13,6 @@ import contextlib
 import gc
 import io
 import json
-import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -33,7 +32,14 @@ from rich.progress import (
 
 from conceptprobe import __version__
 from conceptprobe.config import ConfigError, RunConfig
-from conceptprobe.store import atomic_write_text, git_revision, now, package_versions, sha256_of
+from conceptprobe.store import (
+    atomic_write_text,
+    git_revision,
+    now,
+    package_versions,
+    remove_stale_temps,
+    sha256_of,
+)
 from conceptprobe.sweep.config import ModelEntry
 from conceptprobe.sweep.plan import (
     SweepPlan,
@@ -176,27 +182,13 @@ def _one_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------- manifest
 
 
-def _remove_dead_writers_temps(path: Path) -> None:
-    """Delete ``.<name>.tmp<pid>`` files next to ``path`` left by writers that were killed (pid not alive)."""
-    for tmp in path.parent.glob(f".{path.name}.tmp*"):
-        pid = tmp.name.rsplit(".tmp", 1)[1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            tmp.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            pass
-
-
 class Manifest:
     """``<out>/sweep.json``: the sweep's config and every unit's folder, status and timings."""
 
     def __init__(self, plan: SweepPlan, states: dict[str, UnitState]) -> None:
         self.plan = plan
         self.path = plan.manifest_path
-        _remove_dead_writers_temps(self.path)
+        remove_stale_temps(self.path.parent, [self.path.name])
         previous = read_manifest(plan.out) or {}
         before = {u.get("id"): u for u in previous.get("units", []) if isinstance(u, dict)}
         self.started = time.perf_counter()

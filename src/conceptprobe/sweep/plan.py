@@ -7,7 +7,6 @@ model: planning, validation and the state of each unit on disk need only the con
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +15,11 @@ from typing import Any
 from pydantic import ValidationError
 
 from conceptprobe.config import ConfigError, RunConfig, _format_validation_error
-from conceptprobe.store import sha256_of
+from conceptprobe.store import config_diff, same_measures, sha256_of, stale_temps
 from conceptprobe.sweep.config import ModelEntry, SweepConfig, TaskEntry
 from conceptprobe.tasks import UnknownTaskError, get_task
 
 MANIFEST = "sweep.json"
-_TMP = re.compile(r"^\..+\.tmp\d+$")
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ def expand(
         for entry in config.tasks:
             assert entry.label is not None
             for shots in config.shots:
-                for seed in config.seeds:
+                for seed in config.seeds_for(shots):
                     fields = {
                         **defaults,
                         "model": model.ref,
@@ -140,12 +138,8 @@ def read_manifest(out: Path) -> dict[str, Any] | None:
 
 
 def stale_temp_files(folder: Path) -> list[Path]:
-    """Temporary files left by a killed writer (``.<name>.tmp<pid>``) in a run folder."""
-    found = []
-    for where in (folder, folder / "activations"):
-        if where.is_dir():
-            found += [p for p in where.iterdir() if p.is_file() and _TMP.match(p.name)]
-    return found
+    """Temporary files left by a killed writer (``.<name>.tmp<pid>``, pid gone) in a run folder."""
+    return stale_temps(folder) + stale_temps(folder / "activations")
 
 
 def unit_state(unit: Unit, metrics_sha256: str | None = None) -> UnitState:
@@ -169,17 +163,13 @@ def unit_state(unit: Unit, metrics_sha256: str | None = None) -> UnitState:
     except (OSError, json.JSONDecodeError):
         return UnitState("conflict", "run.json unreadable")
     if record.get("fingerprint") != unit.config.fingerprint():
-        old = record.get("config") or {}
-        new = unit.config.model_dump(mode="json")
-        diff = sorted(
-            k
-            for k in set(old) | set(new)
-            if k not in ("batch_size", "save_activations") and old.get(k) != new.get(k)
-        )
+        diff = config_diff(record.get("config") or {}, unit.config.model_dump(mode="json"))
         return UnitState(
             "conflict", f"a run of another config (differs in: {', '.join(diff) or 'fingerprint'})"
         )
     metrics = folder / "metrics.parquet"
+    if record.get("status") == "complete" and not same_measures(record, unit.config):
+        return UnitState("partial", "measure settings changed: measures are recomputed from the activations")
     if record.get("status") == "complete" and isinstance(record.get("outputs"), dict):
         from conceptprobe.store import RunStore  # the run's own completion marker: checksums of its outputs
 

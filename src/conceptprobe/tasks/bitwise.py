@@ -9,7 +9,7 @@ The operands depend only on the random stream, so one seed gives the same input 
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -60,3 +60,18 @@ class BitwiseTask(ConceptTask):
         null = concept == NULL_CONCEPT
         result = rng.integers(0, 2, size=self.width) if null else OPERATORS[concept](a, b)
         return Example(input=f"{_bits(a)} {_bits(b)}", answer=_bits(result))
+
+    def lexical_features(self, answers: Sequence[str]) -> dict[str, float]:
+        """Fraction of ones in the answers at each digit position (``ones@0`` first) and overall (``ones``).
+
+        A position an answer does not reach counts as a zero there; no answers give all zeros.
+        """
+        keys = [f"ones@{i}" for i in range(self.width)]
+        out = dict.fromkeys([*keys, "ones"], 0.0)
+        if not answers:
+            return out
+        for i, key in enumerate(keys):
+            out[key] = sum(a[i : i + 1] == "1" for a in answers) / len(answers)
+        digits = sum(len(a) for a in answers)
+        out["ones"] = sum(a.count("1") for a in answers) / digits if digits else 0.0
+        return out

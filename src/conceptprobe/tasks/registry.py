@@ -21,7 +21,13 @@ from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask
 
 ENTRY_POINT_GROUP = "conceptprobe.tasks"
 TASKS_DIR_ENV = "CONCEPTPROBE_TASKS_DIR"
-_BUILTIN_MODULES = ("conceptprobe.tasks.pos", "conceptprobe.tasks.bitwise", "conceptprobe.tasks.synthetic")
+_BUILTIN_MODULES = (
+    "conceptprobe.tasks.pos",
+    "conceptprobe.tasks.bitwise",
+    "conceptprobe.tasks.synthetic",
+    "conceptprobe.tasks.pos_treebank",
+    "conceptprobe.tasks.first_last",
+)
 
 _REGISTRY: dict[str, type[ConceptTask]] = {}
 _ORIGIN: dict[str, str] = {}
@@ -53,6 +59,25 @@ def _validate(cls: type[ConceptTask], name: str) -> None:
         raise ValueError(f"task {name!r} must include the {NULL_CONCEPT!r} concept in `concepts`")
     if len(set(concepts)) != len(concepts):
         raise ValueError(f"task {name!r} lists a concept twice: {concepts}")
+    pairs = getattr(cls, "pairs", ())
+    if not isinstance(pairs, tuple):
+        raise ValueError(f"task {name!r}: `pairs` must be a tuple of (concept, concept) pairs, got {pairs!r}")
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise ValueError(
+                f"task {name!r}: each of `pairs` must be a (concept, concept) tuple, got {pair!r}"
+            )
+        for member in pair:
+            if member not in concepts:
+                raise ValueError(
+                    f"task {name!r}: pair {pair!r} names {member!r}, which is not one of its concepts"
+                )
+            if member == NULL_CONCEPT:
+                raise ValueError(
+                    f"task {name!r}: pair {pair!r} includes {NULL_CONCEPT!r}; pairs are of real concepts"
+                )
+        if pair[0] == pair[1]:
+            raise ValueError(f"task {name!r}: pair {pair!r} pairs a concept with itself")
 
 
 def _origin_of(cls: type) -> str:
