@@ -52,10 +52,10 @@ class RunConfig(BaseModel):
         100, ge=1, le=100_000, description="label permutations of the k-NN null, per layer"
     )
     probe_permutations: int = Field(
-        20, ge=0, le=10_000, description="label permutations of the probe null (refitted each time)"
+        10, ge=0, le=10_000, description="label permutations of the probe null (refitted each time)"
     )
     probe_null_layers: int = Field(
-        6, ge=1, description="evenly spaced layers (plus the probe's peaks) that get a probe null"
+        3, ge=1, description="evenly spaced layers (plus the probe's peaks) that get a probe null"
     )
     n_bootstrap: int = Field(1000, ge=10, le=1_000_000, description="bootstrap resamples of the intervals")
     prompt_format: PromptFormat = Field(default_factory=PromptFormat)

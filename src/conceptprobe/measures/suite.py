@@ -56,8 +56,8 @@ class SuiteSettings:
     folds: int = 5
     seed: int = 0
     n_permutations: int = 100
-    probe_permutations: int = 20
-    probe_null_layers: int = 6
+    probe_permutations: int = 10
+    probe_null_layers: int = 3
     n_bootstrap: int = 1000
     level: float = 0.95
 
