@@ -59,12 +59,13 @@ def run_tree() -> Path:
 
 def _give_accuracies(folder: Path, seed: int) -> None:
     metrics = pd.read_parquet(folder / "metrics.parquet")
-    acc = (metrics["metric"] == "icl_accuracy") & (metrics["concept"] != "all")
+    icl = metrics["metric"] == "icl_accuracy"
+    acc = icl & ~metrics["concept"].isin(["all", "all_but_null"])
     rng = np.random.default_rng(seed)
     metrics.loc[acc, "value"] = rng.integers(0, 6, int(acc.sum())) / 5  # n=5 prompts per concept
-    metrics.loc[(metrics["metric"] == "icl_accuracy") & (metrics["concept"] == "all"), "value"] = metrics.loc[
-        acc, "value"
-    ].mean()
+    metrics.loc[icl & (metrics["concept"] == "all"), "value"] = metrics.loc[acc, "value"].mean()
+    real = acc & (metrics["concept"] != "null")
+    metrics.loc[icl & (metrics["concept"] == "all_but_null"), "value"] = metrics.loc[real, "value"].mean()
     metrics.to_parquet(folder / "metrics.parquet", index=False)
 
 
@@ -120,7 +121,15 @@ def test_collect_skips_incomplete_runs_with_a_note(tmp_path):
     assert any("pos_2shot_seed0" in s and "not complete" in s for s in data.skipped)
 
 
+def _at(m: pd.DataFrame, metric: str, concept: str = "all", layer: int | None = None) -> float:
+    sel = m[(m.metric == metric) & (m.concept == concept)]
+    sel = sel[sel.layer.isna()] if layer is None else sel[sel.layer == layer]
+    assert len(sel) == 1, (metric, concept, layer)
+    return float(sel["value"].iloc[0])
+
+
 def test_table_matches_metrics_parquet():
+    """Every number of the comparison table is the run's own row of metrics.parquet (one seed each)."""
     html_text = built_report().read_text()
     tables = parse(html_text).tables
     assert set(tables) == set(TASKS)
@@ -132,13 +141,16 @@ def test_table_matches_metrics_parquet():
         curve = m[(m.metric == "cd_knn") & (m.concept == "all")].sort_values("layer")
         peak = int(curve["layer"].iloc[int(np.argmax(curve["value"].to_numpy()))])
         assert peak == record["peak_layer"]
-        peak_cd = float(curve["value"].max())
-        acc_all = float(m[(m.metric == "icl_accuracy") & (m.concept == "all")]["value"].item())
+        held = m[(m.metric == "cd_knn_heldout_peak") & (m.concept == "all")]
+        layer = int(held["layer"].item())
+        assert layer == record["headline"]["heldout_peak_layer"]
+        surfaces = m[m.metric.str.match(r"^surface_[a-z]+_(knn|probe)$") & (m.concept == "all")]
         concepts = [c for c in record["task"]["concepts"] if c != "null"]
-        at_peak = m[(m.metric == "cd_knn") & (m.layer == peak)].set_index("concept")["value"]
+        at_layer = m[(m.metric == "cd_knn") & (m.layer == layer)].set_index("concept")["value"]
         acc = m[m.metric == "icl_accuracy"].set_index("concept")["value"]
-        x, y = at_peak[concepts].to_numpy(), acc[concepts].to_numpy()
-        r2 = np.corrcoef(x, y)[0, 1] ** 2 if x.std() > 0 and y.std() > 0 else np.nan
+        x, y = at_layer[concepts].to_numpy(), acc[concepts].to_numpy()
+        explain = len(x) >= 4 and np.ptp(x) >= 0.1 and np.ptp(y) >= 0.05
+        r2 = np.corrcoef(x, y)[0, 1] ** 2 if explain else np.nan
 
         label = folder.parent.name
         rows = [
@@ -149,18 +161,24 @@ def test_table_matches_metrics_parquet():
         assert len(rows) == 1, (label, record["config"]["shots"])
         row = rows[0]
         value = {k: float(v[1]["data-value"]) for k, v in row.items() if "data-value" in v[1]}
-        assert value["peak_layer"] == peak and row["peak_layer"][0] == f"{peak} / 3"
-        assert value["n_layers"] == record["model"]["n_layers"] == 3
-        assert value["peak_rel"] == pytest.approx(peak / 3)
-        assert value["peak_cd"] == pytest.approx(peak_cd, abs=1e-12) and row["peak_cd"][0] == f"{peak_cd:.3f}"
-        assert value["icl_acc"] == pytest.approx(acc_all, abs=1e-12) and row["icl_acc"][0] == f"{acc_all:.3f}"
+        assert value["held_layer"] == layer and row["held_layer"][0] == f"{layer} / 3"
+        assert value["held_cd"] == pytest.approx(float(held["value"].item()), abs=1e-12)
+        lo, hi = (
+            _at(m, "cd_knn_heldout_peak_ci_low", layer=layer),
+            _at(m, "cd_knn_heldout_peak_ci_high", layer=layer),
+        )
+        assert row["held_cd"][0] == f"{float(held['value'].item()):.3f} [{lo:.2f}, {hi:.2f}]"
+        assert value["null_p95"] == pytest.approx(_at(m, "cd_knn_null_p95", layer=layer))
+        assert value["surface"] == pytest.approx(surfaces["value"].max())
+        assert value["sel"] == pytest.approx(_at(m, "cd_knn_heldout_selectivity", layer=layer))
+        assert value["peak_cd"] == pytest.approx(float(curve["value"].max()), abs=1e-12)
+        assert value["icl_acc"] == pytest.approx(_at(m, "icl_accuracy", "all_but_null"), abs=1e-12)
         assert value["n_params"] == record["model"]["n_params"]
-        assert row["family"][0] == record["model"]["family"]
         if np.isnan(r2):
             assert np.isnan(value["r2"]) and row["r2"][0] == "n/a"
         else:
             assert value["r2"] == pytest.approx(r2, abs=1e-9)
-            assert row["r2"][0].startswith(f"{r2:.2f} [")
+            assert row["r2"][0].startswith(f"{r2:.2f} [") and row["r2"][0].endswith(f"(n={len(x)})")
             lo, hi = float(row["r2"][1]["data-lo"]), float(row["r2"][1]["data-hi"])
             assert 0 <= lo <= hi <= 1
         checked += 1
@@ -214,15 +232,16 @@ def test_html_is_self_contained_with_embedded_figures():
     assert not re.search(r"https?://", text, re.IGNORECASE), "the report must not reference the network"
     assert "<script" not in text.lower() and "<link" not in text.lower()
     srcs = parse(text).images
-    # per task: decodability, CD vs accuracy, UMAP, vs shots
-    assert len(srcs) == 4 * len(TASKS)
+    # per task: controls, decodability, per concept, vs size, CD vs accuracy, UMAP, vs shots
+    assert len(srcs) == 7 * len(TASKS)
     for src in srcs:
         assert src.startswith("data:image/png;base64,")
         png = base64.b64decode(src.split(",", 1)[1])
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     for word in ("tiny-llama", "tiny-qwen2", "pos v2", "bitwise v1", "Comparison", "UMAP"):
         assert word in text
-    assert "R² n/a" not in text  # accuracies vary in this tree: every fit is defined
+    for word in ("permutation null", "surface baseline", "held-out", "weights"):
+        assert word in text
 
 
 def test_markdown_and_figure_files_are_written():
@@ -231,11 +250,14 @@ def test_markdown_and_figure_files_are_written():
     text = md.read_text()
     assert text.startswith("# conceptprobe report")
     links = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
-    assert len(links) == 4 * len(TASKS)
+    assert len(links) == 7 * len(TASKS)
     for link in links:
         assert (md.parent / link).is_file()
-    assert "| model | family | params |" in text and "tiny-qwen2" in text
-    assert sorted(p.name for p in (out.parent / "figures").iterdir()) == sorted(Path(x).name for x in links)
+        svg = (md.parent / link).with_suffix(".svg")
+        assert svg.read_text().lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    assert "| model | params | shots | layer (held-out) |" in text and "tiny-qwen2" in text
+    names = sorted(Path(x).name for x in links) + sorted(Path(x).with_suffix(".svg").name for x in links)
+    assert sorted(p.name for p in (out.parent / "figures").iterdir()) == sorted(names)
 
 
 def test_umap_is_skipped_with_a_note_when_activations_are_absent(tmp_path):
@@ -248,7 +270,13 @@ def test_umap_is_skipped_with_a_note_when_activations_are_absent(tmp_path):
     report = assemble(collect([dst]), n_boot=200, cache=None)
     assert not [f for f in report.figures if f.section == "umap"]
     assert any("UMAP skipped" in n and "no activations" in n for n in report.notes)
-    assert {f.section for f in report.figures} == {"decodability", "cd_vs_acc", "shots"}
+    assert {f.section for f in report.figures} == {
+        "controls",
+        "decodability",
+        "concepts",
+        "cd_vs_acc",
+        "shots",
+    }
 
 
 def _cli() -> typer.Typer:
@@ -286,3 +314,27 @@ def test_cli_report_and_clear_errors(tmp_path):
         from conceptprobe.report.render import build_report
 
         build_report([run_tree()], tmp_path / "report.pdf")
+
+
+def test_pairs_table_shows_decodability_within_each_pair_beside_its_controls(tmp_path):
+    """A task with concept pairs: the report's pairs table is the runs' pair rows of metrics.parquet."""
+    from conceptprobe.config import RunConfig
+    from conceptprobe.report.render import build_report
+    from conceptprobe.run import run
+
+    model_dir = run_tree().parent / "models" / "tiny-llama"
+    folder = tmp_path / "sweep" / "tiny-llama" / "first-last_2shot_seed0"
+    cfg = RunConfig(model=str(model_dir), task="first-last", shots=2, n=12, max_new_tokens=1)
+    run(cfg, folder, progress=False, console=Console(file=io.StringIO()))
+    out = build_report([tmp_path / "sweep"], tmp_path / "r" / "report.html", umap=False, n_boot=200)
+    page = HtmlTables.parse(out.html.read_text())
+    rows = page.of("pairs")[0]["rows"]
+    m = pd.read_parquet(folder / "metrics.parquet")
+    assert {r["pair"][0] for r in rows} == {"first_noun|last_noun", "first_verb|last_verb"}
+    for r in rows:
+        pair = r["pair"][0]
+        held = m[(m.metric == "cd_knn_heldout_peak") & (m.concept == pair)]
+        assert float(r["held_cd"][1]["data-value"]) == pytest.approx(float(held["value"].item()))
+        assert float(r["wordclass"][1]["data-value"]) == pytest.approx(_at(m, "surface_lexical_knn", pair))
+        assert int(r["held_n"][0]) == int(held["n"].item()) == 12  # half of the pair's 24 prompts
+    assert any(f.section == "pairs" for f in out.report.figures)

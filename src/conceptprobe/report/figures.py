@@ -57,12 +57,26 @@ def concept_colors(concepts: Sequence[str]) -> dict[str, object]:
     return out
 
 
+LAYER_AXIS = "layer (residual stream; 0 = embeddings, i = output of block i-1)"
+_SURFACE = "#d9822b"
+_NULL_BAND = "0.55"
+
+
 def to_png(fig: Figure, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes (and closed)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight", pad_inches=0.08, metadata={"Software": None})
+    png, _ = render(fig, dpi)
+    return png
+
+
+def render(fig: Figure, dpi: int = DPI) -> tuple[bytes, bytes]:
+    """The figure as PNG and SVG bytes (and closed); the SVG carries no date, so equal figures are equal."""
+    out = []
+    for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, metadata=meta)
+        out.append(buf.getvalue())
     plt.close(fig)
-    return buf.getvalue()
+    return out[0], out[1]
 
 
 def _legend_top(
@@ -287,19 +301,243 @@ def vs_shots(table: pd.DataFrame, models: Sequence[str], colors: dict[str, tuple
         fig, axes = plt.subplots(1, 2, figsize=(8.2, 3.0), sharex=True)
         shots = sorted(table["shots"].unique())
         for ax, col, label in (
-            (axes[0], "icl_acc", "ICL accuracy (all prompts)"),
-            (axes[1], "peak_cd", "peak decodability (k-NN)"),
+            (axes[0], "icl_acc", "ICL accuracy (without null)"),
+            (axes[1], "held_cd", "decodability at held-out peak (k-NN)"),
         ):
             for m in models:
                 t = table[table["model"] == m].sort_values("shots")
                 if t.empty:
                     continue
                 ax.plot(t["shots"], t[col], "-o", color=colors[m], lw=1.6, ms=4.5, label=m)
+                if col == "held_cd" and "surface" in t:
+                    ax.plot(t["shots"], t["surface"], ":", color=colors[m], lw=1.0)
             ax.set_ylabel(label)
             ax.set_xlabel("shots")
             ax.set_ylim(0, 1.02)
             ax.set_xticks(shots)
         fig.tight_layout()
         handles = [Line2D([], [], color=colors[m], lw=2, marker="o", ms=4.5) for m in models]
-        _legend_top(fig, handles, list(models))
+        handles.append(Line2D([], [], color="0.3", ls=":", lw=1.0))
+        _legend_top(fig, handles, [*models, "surface baseline"])
+        return fig
+
+
+def _col(frame: pd.DataFrame, name: str) -> np.ndarray:
+    return frame[name].to_numpy(dtype=float) if name in frame else np.full(len(frame), np.nan)
+
+
+def layers_with_controls(
+    wide: pd.DataFrame,
+    table: pd.DataFrame,
+    models: Sequence[str],
+    shots: Sequence[int],
+    colors: dict[str, tuple],
+) -> Figure:
+    """Per model (rows) and shots (columns): k-NN decodability per layer with its bootstrap band, the probe,
+    the label-permutation null (grey band, mean to 95th percentile) and the strongest surface baseline
+    (orange line and band), the held-out peak marked."""
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(
+            len(models),
+            len(shots),
+            figsize=(3.1 * len(shots) + 0.5, 2.35 * len(models) + 0.4),
+            squeeze=False,
+            sharey=True,
+        )
+        for i, m in enumerate(models):
+            for j, k in enumerate(shots):
+                ax = axes[i, j]
+                w = wide[(wide["model"] == m) & (wide["shots"] == k)].sort_values("layer")
+                t = table[(table["model"] == m) & (table["shots"] == k)]
+                ax.set_ylim(0, 1.02)
+                if i == 0:
+                    ax.set_title(_shots_title(k))
+                if j == 0:
+                    ax.set_ylabel(f"{m}\ndecodability")
+                if i == len(models) - 1:
+                    ax.set_xlabel(LAYER_AXIS if j == 0 else "layer")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if w.empty:
+                    ax.text(0.5, 0.5, "no run", ha="center", va="center", transform=ax.transAxes, color="0.5")
+                    continue
+                x = w["layer"].to_numpy()
+                lo, hi = _col(w, "cd_knn_null_mean"), _col(w, "cd_knn_null_p95")
+                if np.isfinite(hi).any():
+                    ax.fill_between(x, lo, hi, color=_NULL_BAND, alpha=0.35, lw=0)
+                if not t.empty and np.isfinite(t["surface"].iloc[0] if "surface" in t else np.nan):
+                    sv = float(t["surface"].iloc[0])
+                    slo = float(t["surface_lo"].iloc[0]) if "surface_lo" in t else sv
+                    shi = float(t["surface_hi"].iloc[0]) if "surface_hi" in t else sv
+                    ax.axhspan(slo, shi, color=_SURFACE, alpha=0.18, lw=0)
+                    ax.axhline(sv, color=_SURFACE, lw=1.1)
+                c_lo, c_hi = _col(w, "cd_knn_ci_low"), _col(w, "cd_knn_ci_high")
+                if np.isfinite(c_hi).any():
+                    ax.fill_between(x, c_lo, c_hi, color=colors[m], alpha=0.25, lw=0)
+                ax.plot(x, _col(w, "cd_knn"), color=colors[m], lw=1.6)
+                ax.plot(x, _col(w, "probe_accuracy"), color=colors[m], lw=1.0, ls="--")
+                if not t.empty and "held_layer" in t and np.isfinite(t["held_cd"].iloc[0]):
+                    ax.plot(
+                        [t["held_layer"].iloc[0]],
+                        [t["held_cd"].iloc[0]],
+                        "o",
+                        ms=5,
+                        color=colors[m],
+                        mec="black",
+                        mew=0.7,
+                        zorder=5,
+                    )
+        handles = [
+            Line2D([], [], color="0.2", lw=1.6),
+            Line2D([], [], color="0.2", lw=1.0, ls="--"),
+            Line2D([], [], color=_NULL_BAND, lw=6, alpha=0.5),
+            Line2D([], [], color=_SURFACE, lw=1.1),
+            Line2D([], [], ls="", marker="o", ms=5, color="0.6", mec="black"),
+        ]
+        labels = [
+            "k-NN (band: 95% CI)",
+            "probe",
+            "permutation null (mean–p95)",
+            "surface baseline (band: 95% CI)",
+            "held-out peak",
+        ]
+        fig.tight_layout(h_pad=0.8)
+        _legend_top(fig, handles, labels, ncol=5)
+        return fig
+
+
+def concept_curves(
+    per_concept: pd.DataFrame,
+    models: Sequence[str],
+    shots: Sequence[int],
+    ccolors: dict[str, object],
+) -> Figure:
+    """k-NN decodability (recall) per concept and layer: a row per model, a column per shots value."""
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(
+            len(models),
+            len(shots),
+            figsize=(3.1 * len(shots) + 0.5, 2.3 * len(models) + 0.4),
+            squeeze=False,
+            sharey=True,
+        )
+        for i, m in enumerate(models):
+            for j, k in enumerate(shots):
+                ax = axes[i, j]
+                sel = per_concept[(per_concept["model"] == m) & (per_concept["shots"] == k)]
+                for c, color in ccolors.items():
+                    cur = sel[sel["concept"] == c].sort_values("layer")
+                    if not cur.empty:
+                        ax.plot(cur["layer"], cur["value"], color=color, lw=1.3 if c != NULL_CONCEPT else 1.0)
+                ax.set_ylim(0, 1.02)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if i == 0:
+                    ax.set_title(_shots_title(k))
+                if j == 0:
+                    ax.set_ylabel(f"{m}\nrecall (k-NN)")
+                if i == len(models) - 1:
+                    ax.set_xlabel(LAYER_AXIS if j == 0 else "layer")
+        present = [c for c in ccolors if c in set(per_concept["concept"])]
+        handles = [Line2D([], [], color=ccolors[c], lw=2) for c in present]
+        fig.tight_layout(h_pad=0.8)
+        _legend_top(fig, handles, present, ncol=min(len(present), 8))
+        return fig
+
+
+def pair_curves(
+    wide_pairs: dict[str, pd.DataFrame],
+    pairs: pd.DataFrame,
+    models: Sequence[str],
+    shots: Sequence[int],
+) -> Figure:
+    """Decodability within each pair of concepts sharing an answer class (chance 0.5): a row per model, a
+    column per pair; a line per shots value with its permutation null (band) and its strongest surface
+    baseline (dotted, same colour)."""
+    names = list(wide_pairs)
+    shot_colors = {k: _TAB10[i % 10] for i, k in enumerate(shots)}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(
+            len(models),
+            len(names),
+            figsize=(3.3 * len(names) + 0.5, 2.3 * len(models) + 0.4),
+            squeeze=False,
+            sharey=True,
+        )
+        for i, m in enumerate(models):
+            for j, name in enumerate(names):
+                ax = axes[i, j]
+                w = wide_pairs[name]
+                for k in shots:
+                    cur = w[(w["model"] == m) & (w["shots"] == k)].sort_values("layer")
+                    if cur.empty:
+                        continue
+                    x = cur["layer"].to_numpy()
+                    ax.fill_between(
+                        x,
+                        _col(cur, "cd_knn_null_mean"),
+                        _col(cur, "cd_knn_null_p95"),
+                        color=shot_colors[k],
+                        alpha=0.12,
+                        lw=0,
+                    )
+                    ax.plot(x, _col(cur, "cd_knn"), color=shot_colors[k], lw=1.5)
+                    row = pairs[(pairs["model"] == m) & (pairs["shots"] == k) & (pairs["pair"] == name)]
+                    if not row.empty and "surface" in row and np.isfinite(row["surface"].iloc[0]):
+                        ax.axhline(float(row["surface"].iloc[0]), color=shot_colors[k], lw=1.0, ls=":")
+                ax.axhline(0.5, color="0.5", lw=0.6)
+                ax.set_ylim(0, 1.02)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                if i == 0:
+                    ax.set_title(name.replace("|", " vs "))
+                if j == 0:
+                    ax.set_ylabel(f"{m}\ndecodability")
+                if i == len(models) - 1:
+                    ax.set_xlabel(LAYER_AXIS if j == 0 else "layer")
+        handles = [Line2D([], [], color=shot_colors[k], lw=2) for k in shots]
+        handles += [
+            Line2D([], [], color="0.3", lw=1.0, ls=":"),
+            Line2D([], [], color="0.5", lw=6, alpha=0.25),
+        ]
+        labels = [_shots_title(k) for k in shots] + ["surface baseline", "permutation null (mean–p95)"]
+        fig.tight_layout(h_pad=0.8)
+        _legend_top(fig, handles, labels, ncol=len(labels))
+        return fig
+
+
+def against_size(table: pd.DataFrame, models: Sequence[str], shots: Sequence[int]) -> Figure:
+    """Decodability at the held-out peak (with its interval) and ICL accuracy without null, against the
+    parameter count (log scale), a line per shots value; the surface baseline dotted."""
+    shot_colors = {k: _TAB10[i % 10] for i, k in enumerate(shots)}
+    with plt.rc_context(_STYLE):
+        fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.1), sharex=True)
+        for ax, col, lo, hi, label in (
+            (axes[0], "held_cd", "held_lo", "held_hi", "decodability at held-out peak (k-NN)"),
+            (axes[1], "icl_acc", "icl_lo", "icl_hi", "ICL accuracy (without null)"),
+        ):
+            for k in shots:
+                t = table[(table["shots"] == k) & table["model"].isin(models)].sort_values("n_params")
+                if t.empty:
+                    continue
+                x = t["n_params"].to_numpy(dtype=float)
+                y = _col(t, col)
+                err = np.clip(np.vstack([y - _col(t, lo), _col(t, hi) - y]), 0, None)
+                ax.errorbar(
+                    x, y, yerr=np.nan_to_num(err), fmt="-o", color=shot_colors[k], ms=4.5, lw=1.4, capsize=2
+                )
+                if col == "held_cd" and "surface" in t:
+                    ax.plot(x, _col(t, "surface"), ls=":", color=shot_colors[k], lw=1.1)
+            ax.set_xscale("log")
+            ax.set_xlabel("parameters")
+            ax.set_ylabel(label)
+            ax.set_ylim(0, 1.02)
+        t = table.drop_duplicates("model")
+        for _, r in t.iterrows():
+            axes[0].annotate(
+                str(r["model"]), (float(r["n_params"]), 0.02), fontsize=7, rotation=90, color="0.4"
+            )
+        handles = [Line2D([], [], color=shot_colors[k], lw=2, marker="o", ms=4) for k in shots]
+        handles.append(Line2D([], [], color="0.3", ls=":", lw=1.1))
+        fig.tight_layout()
+        _legend_top(
+            fig, handles, [_shots_title(k) for k in shots] + ["surface baseline"], ncol=len(shots) + 1
+        )
         return fig

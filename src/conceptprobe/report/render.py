@@ -25,29 +25,60 @@ from conceptprobe.report.stats import (
     KEYS,
     Fit,
     comparison_table,
-    concept_points,
     decodability_curves,
-    fit,
-    peaks,
+    guarded_fit,
+    layer_controls,
+    pair_table,
     pooled_fits,
 )
 
-FIGURE_PREFIXES = ("decodability", "cd_vs_acc", "umap", "shots")
+FIGURE_PREFIXES = ("decodability", "controls", "concepts", "pairs", "size", "cd_vs_acc", "umap", "shots")
 SECTIONS = {
-    "decodability": "Decodability across layers",
+    "controls": "Decodability beside its controls",
+    "decodability": "Decodability across layers, models side by side",
+    "concepts": "Decodability per concept",
+    "pairs": "Concepts that share an answer class",
+    "size": "Against model size",
     "cd_vs_acc": "Decodability vs ICL accuracy, per concept",
     "umap": "Peak-layer representations (UMAP)",
     "shots": "Effect of the number of shots",
 }
 
 TABLE_NOTE = (
-    "Peak layer: the layer of highest overall k-NN decodability (0 = embeddings); peak depth = "
-    "peak layer / layers; peak CD: decodability there; ICL acc.: exact-match accuracy over all "
-    "prompts; R²: linear fit of per-concept ICL accuracy on per-concept decodability at the peak "
-    "layer, with a 95% bootstrap interval over concepts. All numbers are computed from each run's"
-    " metrics.parquet."
+    "Layer: the residual-stream index (0 = embeddings, i = output of decoder block i-1), chosen on one half "
+    "of the prompts (held-out peak); CD: leave-one-out k-NN decodability of all concepts (null included) at "
+    "that layer on the other half, [95% bootstrap interval over prompts], or mean ± std over seeds when "
+    "there are several; null p95: the 95th percentile of CD under shuffled concept labels at that layer; "
+    "surface: the strongest model-free reader of the prompt (bag of answer words, of prompt words, or the "
+    "task's lexical reader; k-NN or probe); CD − surface: selectivity at the held-out peak with its paired "
+    "bootstrap interval; in-sample peak: the max over layers (optimistic); ICL acc.: greedy exact match "
+    "without the null concept; R²: per-concept ICL accuracy on per-concept CD, only where both spread "
+    "(n = concepts). Every number comes from the runs' metrics.parquet."
 )
 CAPTIONS = {
+    "controls": (
+        "Each panel: leave-one-out {k}-NN decodability of all {n} concepts per layer (solid; band: 95% "
+        "bootstrap interval over prompts), the logistic probe (dashed), the label-permutation null (grey band "
+        "from its mean to its 95th percentile: what the same measure gives when labels carry nothing), and the "
+        "strongest surface baseline (orange line and band: the same classifiers on a model-free reading of "
+        "the prompt). The dot marks the held-out peak (layer chosen on half the prompts, value from the other "
+        "half). Decodability above the orange line is what the residual stream adds to the prompt's surface."
+    ),
+    "concepts": (
+        "Recall of each concept per layer (leave-one-out k-NN over all concepts); null is grey. Concepts near "
+        "the top from the first layers are readable from the prompt's words before the model processes them."
+    ),
+    "pairs": (
+        "Two concepts with the same answer class (first vs last noun, first vs last verb) differ only in "
+        "the relation between answer and input, so a reader of the answers' word classes is at chance (0.5) "
+        "by construction. Lines: k-NN decodability within the pair per layer and shots; bands: its label-"
+        "permutation null; dotted: the strongest surface baseline within the pair."
+    ),
+    "size": (
+        "Decodability at the held-out peak (left, with its 95% interval; dotted: the surface baseline) and "
+        "ICL accuracy without null (right, with its 95% interval) against the parameter count, a line per "
+        "shots value. Four models are four points: read the trend, not a fit."
+    ),
     "decodability": (
         "How well the concept can be read off the residual stream at each layer (leave-one-out "
         "{k}-NN accuracy over all {n} concepts; dotted: chance 1/{n}); dots mark each model's "
@@ -86,6 +117,7 @@ class ReportFigure:
     title: str
     caption: str
     png: bytes
+    svg: bytes = b""
 
 
 @dataclass
@@ -102,6 +134,7 @@ class Report:
     generated: str = ""
     model_colors: dict[str, tuple] = field(default_factory=dict)
     extras: list[Any] = field(default_factory=list)  # extra_sections.ExtraSection: ICL/heads, causal tests
+    pairs: pd.DataFrame = field(default_factory=pd.DataFrame)  # concept pairs sharing an answer class
 
 
 @dataclass
@@ -235,13 +268,18 @@ def _umap_section(
     fig = F.umap_grid(embs, titles, models, shots, ccolors)
     layer_txt = "; ".join(f"{m}: {layers[m]}" for m in models if m in layers)
     caption = CAPTIONS["umap"].format(layers=layer_txt, nn=N_NEIGHBORS, md=MIN_DIST, seed=seed)
-    return ReportFigure(
-        f"umap_{_slug(task)}", "umap", task, f"{task}: UMAP at the peak layer", caption, F.to_png(fig)
+    return _figure(
+        f"umap_{_slug(task)}", "umap", task, f"{task}: UMAP at the peak layer", caption, fig
     ), notes
 
 
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in text).strip("-") or "x"
+
+
+def _figure(key: str, section: str, task: str, title: str, caption: str, fig: Any) -> ReportFigure:
+    png, svg = F.render(fig)
+    return ReportFigure(key, section, task, title, caption, png, svg)
 
 
 def assemble(
@@ -258,34 +296,93 @@ def assemble(
     """Compute tables and draw every figure for ``data``."""
     log = log or (lambda _msg: None)
     metrics = data.metrics
-    table = comparison_table(metrics, data.models, include_null=include_null, n_boot=n_boot, seed=seed)
-    pooled = pooled_fits(metrics, include_null=include_null, n_boot=n_boot, seed=seed)
+    table, points = comparison_table(
+        metrics, data.models, include_null=include_null, n_boot=n_boot, seed=seed
+    )
+    pooled = pooled_fits(points, n_boot=n_boot, seed=seed)
+    pairs = pair_table(metrics)
     curves = decodability_curves(metrics)
-    peak = peaks(curves)
-    points = concept_points(metrics, peak, include_null)
+    wide = layer_controls(metrics)
+    per_concept = metrics[
+        (metrics["metric"] == "cd_knn") & metrics["layer"].notna() & ~metrics["concept"].isin(["all"])
+    ]
+    per_concept = per_concept[~per_concept["concept"].str.contains("|", regex=False)]
+    per_concept = per_concept.groupby(KEYS + ["concept", "layer"], as_index=False)["value"].mean()
+    held = table.drop(columns=["peak_layer", "peak_cd"]).assign(
+        peak_layer=table["held_layer"], peak_cd=table["held_cd"], peak_rel=table["held_layer"] / table["n_layers"]
+    )
     mcolors = F.model_colors(list(data.models["model"]))
     figures: list[ReportFigure] = []
     notes: list[str] = []
-    null_txt = "null included" if include_null else "null excluded (its answer is unpredictable by design)"
+    null_txt = (
+        "null excluded (its answer is unpredictable by design)" if not include_null else "null included"
+    )
     for task in data.tasks:
+        slug = _slug(task)
         models = data.model_order(task)
         shots = data.shots(task)
         concepts = next(r.concepts for r in data.runs if r.task == task)
         ccolors = F.concept_colors(concepts)
         chance = 1.0 / max(len(concepts), 1)
         ks = "/".join(sorted({str(r.config.get("knn_k", "?")) for r in data.runs if r.task == task}))
-        tc, tp = curves[curves["task"] == task], peak[peak["task"] == task]
-        fig = F.decodability_vs_layer(tc, tp, models, shots, mcolors, chance)
+        tt = table[table["task"] == task]
         figures.append(
-            ReportFigure(
-                f"decodability_{_slug(task)}",
-                "decodability",
+            _figure(
+                f"controls_{slug}",
+                "controls",
                 task,
-                f"{task}: decodability vs layer",
-                CAPTIONS["decodability"].format(n=len(concepts), k=ks),
-                F.to_png(fig),
+                f"{task}: decodability per layer beside its controls",
+                CAPTIONS["controls"].format(n=len(concepts), k=ks),
+                F.layers_with_controls(wide[wide["task"] == task], tt, models, shots, mcolors),
             )
         )
+        tc = curves[curves["task"] == task]
+        tp = held[held["task"] == task]
+        figures.append(
+            _figure(
+                f"decodability_{slug}",
+                "decodability",
+                task,
+                f"{task}: decodability vs layer, models side by side",
+                CAPTIONS["decodability"].format(n=len(concepts), k=ks),
+                F.decodability_vs_layer(tc, tp, models, shots, mcolors, chance),
+            )
+        )
+        figures.append(
+            _figure(
+                f"concepts_{slug}",
+                "concepts",
+                task,
+                f"{task}: decodability per concept",
+                CAPTIONS["concepts"],
+                F.concept_curves(per_concept[per_concept["task"] == task], models, shots, ccolors),
+            )
+        )
+        tpairs = pairs[pairs["task"] == task] if not pairs.empty else pairs
+        if not tpairs.empty:
+            names = sorted(tpairs["pair"].unique())
+            wide_pairs = {name: layer_controls(metrics[metrics["task"] == task], name) for name in names}
+            figures.append(
+                _figure(
+                    f"pairs_{slug}",
+                    "pairs",
+                    task,
+                    f"{task}: decodability within concept pairs that share an answer class",
+                    CAPTIONS["pairs"],
+                    F.pair_curves(wide_pairs, tpairs, models, shots),
+                )
+            )
+        if len(models) > 1:
+            figures.append(
+                _figure(
+                    f"size_{slug}",
+                    "size",
+                    task,
+                    f"{task}: decodability and accuracy against model size",
+                    CAPTIONS["size"],
+                    F.against_size(tt, models, shots),
+                )
+            )
         pts = points[points["task"] == task]
         fits: dict[tuple[str, int | str], Fit] = {}
         several = len(shots) > 1
@@ -293,26 +390,27 @@ def assemble(
             for k in shots:
                 sel = pts[(pts["model"] == m) & (pts["shots"] == k)]
                 if not sel.empty:
-                    fits[(m, k)] = fit(sel["cd"].to_numpy(), sel["acc"].to_numpy(), n_boot=n_boot, seed=seed)
+                    fits[(m, k)] = guarded_fit(
+                        sel["cd"].to_numpy(), sel["acc"].to_numpy(), n_boot=n_boot, seed=seed
+                    )
             sel = pts[pts["model"] == m]
             if several and sel["shots"].nunique() > 1:
-                fits[(m, "pooled")] = fit(
+                fits[(m, "pooled")] = guarded_fit(
                     sel["cd"].to_numpy(),
                     sel["acc"].to_numpy(),
                     groups=sel["concept"].to_numpy(),
                     n_boot=n_boot,
                     seed=seed,
                 )
-        fig = F.cd_vs_accuracy(pts, fits, tp, models, shots, ccolors, pooled=several)
         figures.append(
-            ReportFigure(
-                f"cd_vs_acc_{_slug(task)}",
+            _figure(
+                f"cd_vs_acc_{slug}",
                 "cd_vs_acc",
                 task,
                 f"{task}: decodability vs ICL accuracy",
                 CAPTIONS["cd_vs_acc"].format(n_boot=n_boot, seed=seed, null=null_txt)
                 + (CAPTIONS["pooled"] if several else ""),
-                F.to_png(fig),
+                F.cd_vs_accuracy(pts, fits, tp, models, shots, ccolors, pooled=several),
             )
         )
         if umap:
@@ -321,15 +419,14 @@ def assemble(
             if ufig is not None:
                 figures.append(ufig)
         if several:
-            fig = F.vs_shots(table[table["task"] == task], models, mcolors)
             figures.append(
-                ReportFigure(
-                    f"shots_{_slug(task)}",
+                _figure(
+                    f"shots_{slug}",
                     "shots",
                     task,
                     f"{task}: accuracy and decodability vs shots",
                     CAPTIONS["shots"],
-                    F.to_png(fig),
+                    F.vs_shots(tt, models, mcolors),
                 )
             )
     if not umap:
@@ -341,13 +438,14 @@ def assemble(
         rows = "; ".join(
             f"{r.model} · {r.task} · {r.shots}-shot ({r.r2_why})" for r in undefined.itertuples()
         )
-        hint = (
-            " Decodability at the ceiling for every concept leaves nothing to explain; --include-null adds "
-            "the null concept as a point."
-            if (undefined["r2_why"] == "decodability equal for all").any() and not include_null
-            else ""
+        notes.append(f"R² is n/a where a fit has nothing to explain: {rows}.")
+    old = sorted({r.folder.name for r in data.runs if not _has_controls(metrics, r.run_id)})
+    if old:
+        notes.append(
+            f"{len(old)} run(s) predate the controls (no intervals, nulls or baselines): {', '.join(old[:5])}"
+            + (" ..." if len(old) > 5 else "")
+            + "; rerun them to add the controls (measures only, from the saved activations)."
         )
-        notes.append(f"R² is n/a where a fit has nothing to explain: {rows}.{hint}")
     notes += [f"skipped {s}" for s in data.skipped]
     return Report(
         data=data,
@@ -359,7 +457,13 @@ def assemble(
         title=title or "conceptprobe report",
         generated=time.strftime("%Y-%m-%d %H:%M"),
         model_colors=mcolors,
+        pairs=pairs,
     )
+
+
+def _has_controls(metrics: pd.DataFrame, run_id: int) -> bool:
+    m = metrics[metrics["run_id"] == run_id]
+    return bool((m["metric"] == "cd_knn_heldout_peak").any())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -374,31 +478,77 @@ def _r2_text(row: pd.Series) -> str:
     if np.isnan(row["r2"]):
         return "n/a"
     ci = f" [{row['r2_lo']:.2f}, {row['r2_hi']:.2f}]" if not np.isnan(row["r2_lo"]) else ""
-    return f"{row['r2']:.2f}{ci}"
+    n = row.get("n_concepts", row.get("n_points"))
+    return f"{row['r2']:.2f}{ci}" + (f" (n={int(n)})" if n is not None and not pd.isna(n) else "")
+
+
+def _with_uncertainty(row: pd.Series, col: str, lo: str, hi: str, digits: int = 3, sign: bool = False) -> str:
+    """``0.834 [0.81, 0.86]`` for one seed, ``0.834 ± 0.012 (3 seeds)`` for several."""
+    v = row.get(col)
+    if v is None or pd.isna(v):
+        return "–"
+    text = f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+    seeds = int(row.get("seeds", 1) or 1)
+    sd = row.get(f"{col}_sd")
+    if seeds > 1 and sd is not None and not pd.isna(sd):
+        return f"{text} ± {sd:.{digits}f} ({seeds} seeds)"
+    a, b = row.get(lo), row.get(hi)
+    if a is None or pd.isna(a) or b is None or pd.isna(b):
+        return text
+    return f"{text} [{a:+.2f}, {b:+.2f}]" if sign else f"{text} [{a:.2f}, {b:.2f}]"
 
 
 TABLE_COLUMNS = [
     ("model", "model"),
-    ("family", "family"),
     ("n_params", "params"),
-    ("n_layers", "layers"),
     ("shots", "shots"),
-    ("peak_layer", "peak layer"),
-    ("peak_rel", "peak depth"),
-    ("peak_cd", "peak CD"),
-    ("icl_acc", "ICL acc."),
+    ("held_layer", "layer (held-out)"),
+    ("held_cd", "CD [95% CI]"),
+    ("null_p95", "null p95"),
+    ("surface", "surface (reader)"),
+    ("sel", "CD − surface"),
+    ("peak_cd", "in-sample peak"),
+    ("icl_acc", "ICL acc. [95% CI]"),
     ("r2", "R² [95% CI]"),
+]
+PAIR_COLUMNS = [
+    ("model", "model"),
+    ("shots", "shots"),
+    ("pair", "pair"),
+    ("held_layer", "layer"),
+    ("held_cd", "CD [95% CI]"),
+    ("null_p95", "null p95"),
+    ("wordclass", "word-class reader"),
+    ("surface", "surface (reader)"),
+    ("sel", "CD − surface"),
+    ("held_n", "n"),
 ]
 
 
 def cell_text(col: str, row: pd.Series) -> str:
-    v = row[col]
+    v = row.get(col)
     if col == "n_params":
         return fmt_params(float(v))
-    if col in ("peak_rel",):
-        return _num(v, 2)
-    if col in ("peak_cd", "icl_acc"):
-        return _num(v, 3)
+    if col == "held_layer":
+        if v is None or pd.isna(v):
+            return "–"
+        layers = sorted(set(row.get("held_layers") or []))
+        spread = f" ({min(layers)}–{max(layers)})" if len(layers) > 1 else ""
+        return f"{int(v)} / {int(row['n_layers'])}{spread}" if "n_layers" in row else f"{int(v)}{spread}"
+    if col == "held_cd":
+        return _with_uncertainty(row, "held_cd", "held_lo", "held_hi")
+    if col == "sel":
+        return _with_uncertainty(row, "sel", "sel_lo", "sel_hi", sign=True)
+    if col == "icl_acc":
+        return _with_uncertainty(row, "icl_acc", "icl_lo", "icl_hi")
+    if col == "surface":
+        if v is None or pd.isna(v):
+            return "–"
+        return f"{v:.3f} ({row.get('surface_reader', '?')})"
+    if col in ("null_p95", "peak_cd", "wordclass", "peak_rel"):
+        return _num(v, 3 if col != "peak_rel" else 2)
+    if col == "held_n":
+        return "–" if v is None or pd.isna(v) else str(int(v))
     if col == "r2":
         return _r2_text(row)
     return str(v)
@@ -453,45 +603,83 @@ def _hex(color: Any) -> str:
     return to_hex(color)
 
 
-def _html_table(report: Report, task: str) -> str:
-    t = report.table[report.table["task"] == task]
-    head = "".join(
-        f'<th class="{"l" if c in ("model", "family") else ""}">{html.escape(h)}</th>'
-        for c, h in TABLE_COLUMNS
-    )
+def _html_rows(
+    frame: pd.DataFrame, columns: list[tuple[str, str]], report: Report, bars: tuple[str, ...]
+) -> str:
     rows, last = [], None
-    for _, row in t.iterrows():
+    for _, row in frame.iterrows():
         cells = []
-        for col, _h in TABLE_COLUMNS:
+        for col, _h in columns:
             text = html.escape(cell_text(col, row))
-            value = row[col]
+            value = row.get(col)
             attrs = f' data-col="{col}"'
-            if isinstance(value, (int, float, np.integer, np.floating)):
+            if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
                 attrs += f' data-value="{float(value)!r}"'
             if col == "r2":
                 attrs += f' data-lo="{float(row["r2_lo"])!r}" data-hi="{float(row["r2_hi"])!r}"'
-                if row["r2_why"]:
+                if row.get("r2_why"):
                     attrs += f' title="{html.escape(str(row["r2_why"]))}"'
             cls = []
-            if col in ("model", "family"):
+            if col in ("model", "family", "pair"):
                 cls.append("l")
-            if col in ("peak_cd", "icl_acc") and not np.isnan(value):
+            if col in bars and value is not None and not pd.isna(value):
                 cls.append("bar")
                 attrs += f' style="--w:{max(0.0, min(1.0, float(value))) * 100:.1f}%"'
-            if col == "model":
+            if col == "model" and row["model"] in report.model_colors:
                 swatch = _hex(report.model_colors[row["model"]])
                 text = f'<span class="sw" style="background:{swatch}"></span>{text}'
-            if col == "peak_layer":
-                text = f"{text} / {int(row['n_layers'])}"
             cells.append(f'<td class="{" ".join(cls)}"{attrs}>{text}</td>')
         first = ' class="first"' if last is not None and row["model"] != last else ""
         last = row["model"]
         rows.append(f"<tr{first}>{''.join(cells)}</tr>")
+    return "".join(rows)
+
+
+def _html_head(columns: list[tuple[str, str]]) -> str:
+    return "".join(
+        f'<th class="{"l" if c in ("model", "family", "pair") else ""}">{html.escape(h)}</th>'
+        for c, h in columns
+    )
+
+
+def _html_table(report: Report, task: str) -> str:
+    t = report.table[report.table["task"] == task]
     return (
         f'<table id="comparison-{html.escape(_slug(task))}" class="comparison" '
         f'data-task="{html.escape(task)}">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        f"<thead><tr>{_html_head(TABLE_COLUMNS)}</tr></thead>"
+        f"<tbody>{_html_rows(t, TABLE_COLUMNS, report, ('held_cd', 'icl_acc'))}</tbody></table>"
     )
+
+
+def _html_pairs(report: Report, task: str) -> str:
+    p = report.pairs[report.pairs["task"] == task] if not report.pairs.empty else report.pairs
+    if p.empty:
+        return ""
+    return (
+        '<p class="muted" style="margin:12px 0 4px">Within pairs of concepts that share an answer class '
+        "(chance 0.5; the word-class reader is at chance by construction):</p>"
+        f'<table class="pairs" data-task="{html.escape(task)}">'
+        f"<thead><tr>{_html_head(PAIR_COLUMNS)}</tr></thead>"
+        f"<tbody>{_html_rows(p, PAIR_COLUMNS, report, ('held_cd',))}</tbody></table>"
+    )
+
+
+def _models_rows(report: Report) -> list[tuple[str, str, str, str]]:
+    """(model, weights, params, layers) of every model, the weights named with tuning and quantization."""
+    from conceptprobe.models.packaged import weights_label
+
+    out = []
+    for _, r in report.data.models.iterrows():
+        alias = next(
+            (run.model_info.get("alias") for run in report.data.runs if run.model == r["model"]), None
+        )
+        ref = str(r.get("ref") or "")
+        weights = weights_label(alias) or (
+            f"GGUF file {Path(ref).name}, dequantized" if ref.endswith(".gguf") else ref
+        )
+        out.append((str(r["model"]), weights, fmt_params(float(r["n_params"])), str(r["n_layers"])))
+    return out
 
 
 def _html_pooled(report: Report, task: str) -> str:
@@ -524,8 +712,17 @@ def render_html(report: Report) -> str:
     tables = "".join(
         (f"<h3>{html.escape(t)}</h3>" if len(tasks) > 1 else "")
         + _html_table(report, t)
+        + _html_pairs(report, t)
         + _html_pooled(report, t)
         for t in tasks
+    )
+    model_rows = "".join(
+        f'<tr><td class="l">{html.escape(m)}</td><td class="l">{html.escape(w)}</td><td>{p}</td><td>{n}</td></tr>'
+        for m, w, p, n in (_models_rows(report) if report.data.runs else [])
+    )
+    models_table = (
+        '<table class="models" style="width:auto"><thead><tr><th class="l">model</th><th class="l">weights</th>'
+        f"<th>params</th><th>layers</th></tr></thead><tbody>{model_rows}</tbody></table>"
     )
     parts = [
         "<!DOCTYPE html>",
@@ -540,6 +737,7 @@ def render_html(report: Report) -> str:
     if report.data.runs:
         parts += [
             '<section id="table"><h2>Comparison</h2><div class="card">',
+            models_table,
             tables,
             f'<p class="muted" style="margin:10px 0 0">{html.escape(TABLE_NOTE)}</p></div></section>',
         ]
@@ -572,32 +770,42 @@ def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def _md_table(frame: pd.DataFrame, columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for _c, h in columns) + " |"]
+    lines.append(
+        "|" + "|".join(":--" if c in ("model", "family", "pair") else "--:" for c, _h in columns) + "|"
+    )
+    for _, row in frame.iterrows():
+        lines.append("| " + " | ".join(_md_escape(cell_text(col, row)) for col, _h in columns) + " |")
+    return lines
+
+
 def render_markdown(report: Report, figures_rel: str = "figures") -> str:
     """The report as Markdown, linking the figures as ``<figures_rel>/<key>.png``."""
     lines = [f"# {report.title}", "", f"Generated {report.generated}.", ""]
     lines += [f"- **{k}**: {_md_escape(v)}" for k, v in report.facts]
     lines += ["", "## Comparison", ""] if report.data.runs else [""]
+    if report.data.runs:
+        lines += ["| model | weights | params | layers |", "|:--|:--|--:|--:|"]
+        lines += [f"| {m} | {_md_escape(w)} | {p} | {n} |" for m, w, p, n in _models_rows(report)]
+        lines.append("")
     for task in report.data.tasks:
         if len(report.data.tasks) > 1:
             lines += [f"### {task}", ""]
-        lines.append("| " + " | ".join(h for _c, h in TABLE_COLUMNS) + " |")
-        lines.append(
-            "|" + "|".join(":--" if c in ("model", "family") else "--:" for c, _h in TABLE_COLUMNS) + "|"
-        )
-        for _, row in report.table[report.table["task"] == task].iterrows():
-            cells = []
-            for col, _h in TABLE_COLUMNS:
-                text = cell_text(col, row)
-                if col == "peak_layer":
-                    text = f"{text} / {int(row['n_layers'])}"
-                cells.append(_md_escape(text))
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += _md_table(report.table[report.table["task"] == task], TABLE_COLUMNS)
+        pairs = report.pairs[report.pairs["task"] == task] if not report.pairs.empty else report.pairs
+        if not pairs.empty:
+            lines += ["", "Within pairs of concepts that share an answer class (chance 0.5):", ""]
+            lines += _md_table(pairs, PAIR_COLUMNS)
         p = report.pooled[report.pooled["task"] == task]
         if not p.empty:
             lines += [
                 "",
                 "Pooled over shots (R² [95% CI], bootstrap over concepts): "
-                + "; ".join(f"{r['model']} {_r2_text(r)}" for _, r in p.iterrows())
+                + "; ".join(
+                    f"{r['model']} {_r2_text(r) if not np.isnan(r['r2']) else 'n/a (' + r['r2_why'] + ')'}"
+                    for _, r in p.iterrows()
+                )
                 + ".",
             ]
         lines.append("")
@@ -703,13 +911,18 @@ def build_report(
     figures_dir = out.parent / "figures"
     figures_dir.mkdir(parents=True, exist_ok=True)
     extra_figs = [f for x in report.extras for f in x.figures]
-    keep = {f"{f.key}.png" for f in [*report.figures, *extra_figs]}
+    keep = {f"{f.key}.png" for f in [*report.figures, *extra_figs]} | {f"{f.key}.svg" for f in report.figures}
     prefixes = (*(f"{s}_" for s in FIGURE_PREFIXES), "icl_", "causal_")
-    for old in figures_dir.glob("*.png"):  # figures of an earlier report here that this one no longer has
+    for old in [
+        *figures_dir.glob("*.png"),
+        *figures_dir.glob("*.svg"),
+    ]:  # figures of an earlier report here that this one no longer has
         if old.name not in keep and old.name.startswith(prefixes):
             old.unlink()
     for f in [*report.figures, *extra_figs]:
         _atomic_write(figures_dir / f"{f.key}.png", f.png)
+        if getattr(f, "svg", b""):
+            _atomic_write(figures_dir / f"{f.key}.svg", f.svg)
     md = out.with_suffix(".md")
     _atomic_write(md, render_markdown(report, "figures").encode())
     _atomic_write(out, render_html(report).encode())
