@@ -242,6 +242,26 @@ def _pickle_weights(env: Env) -> list[str]:
     return env.run(model=folder)
 
 
+def _tokenizer_remote_code(env: Env) -> list[str]:
+    """A tokenizer whose tokenizer_config.json names a class of its own (auto_map): its code must not run."""
+    folder = env.model_copy("remote-tokenizer")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.update(
+        tokenizer_class="EvilTokenizer", auto_map={"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    )
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (folder / "tokenization_evil.py").write_text(f"open({str(env.tmp / 'EXECUTED')!r}, 'w').write('x')\n")
+    return env.run(model=folder)
+
+
+def _sweep_yaml(env: Env, **data) -> list[str]:
+    base = {"name": "s", "models": [str(env.tiny)], "tasks": ["bitwise"]}
+    return ["sweep", env.yaml({**base, **data}, "s.yaml"), "--dry-run"]
+
+
+ALIAS_BOMB = "name: s\nx: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\ny: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+
+
 # (id, builder returning CLI args, expected parts of the error line, exit code)
 Case = tuple[str, Callable[[Env], list[str]], tuple[str, ...], int]
 CASES: list[Case] = [
@@ -524,6 +544,92 @@ CASES: list[Case] = [
         ("run.json is not valid json", "--overwrite"),
         2,
     ),
+    # -- bounds: prompts per concept, task params that set the prompt length, YAML size and aliases
+    (
+        "bitwise-width-too-large",
+        lambda e: e.run("--param", "width=100000"),
+        ("task_params", "`width`", "from 1 to 64"),
+        2,
+    ),
+    (
+        "sparse-regression-dim-too-large",
+        lambda e: e.run("--param", "dim=100000", task="sparse_regression"),
+        ("task_params", "`dim`", "at most 256"),
+        2,
+    ),
+    (
+        "yaml-too-large",
+        lambda e: ["run", "--config", e.yaml("# " + "x" * (5 << 20) + "\nmodel: x\ntask: pos\n")],
+        ("run.yaml", "more than the 4 mib a config file may have"),
+        2,
+    ),
+    (
+        "yaml-anchor-and-alias",
+        lambda e: ["run", "--config", e.yaml(f"model: &m {e.tiny}\ntask: bitwise\nlabel: *m\n")],
+        ("run.yaml", "line 1", "anchor &m is not accepted"),
+        2,
+    ),
+    ("yaml-alias-bomb", lambda e: ["sweep", e.yaml(ALIAS_BOMB, "s.yaml")], ("s.yaml", "line 2", "&a"), 2),
+    (
+        "yaml-duplicate-key",
+        lambda e: ["run", "--config", e.yaml("model: x\ntask: pos\ntask: bitwise\n")],
+        ("run.yaml", "line 3", "duplicate key 'task' (first at line 2)"),
+        2,
+    ),
+    (
+        "sweep-yaml-duplicate-key",
+        lambda e: ["sweep", e.yaml("name: s\nmodels: [a]\ntasks: [pos]\nmodels: [b]\n", "s.yaml")],
+        ("s.yaml", "line 4", "duplicate key 'models'"),
+        2,
+    ),
+    # -- messages: seeds, long paths, plugins returning the wrong thing, tokenizers with code, --tasks-dir
+    ("seed-negative", lambda e: e.run("--seed", "-1"), ("key 'seed'", "0 <= seed < 2**32", "--seed"), 2),
+    ("seed-too-large", lambda e: e.run("--seed", str(2**70)), ("key 'seed'", "out of range", "--seed"), 2),
+    (
+        "sweep-seed-negative",
+        lambda e: _sweep_yaml(e, seeds=[0, -3]),
+        ("key 'seeds'", "seed -3", "--seeds"),
+        2,
+    ),
+    (
+        "sweep-extra-seed-too-large",
+        lambda e: _sweep_yaml(e, shots=[1], extra_seeds={1: [2**40]}),
+        ("extra_seeds", "0 <= seed < 2**32"),
+        2,
+    ),
+    (
+        "model-path-too-long",
+        lambda e: e.run(model="m" * 5000),
+        ("--model", "path too long", "has 5000 characters"),
+        2,
+    ),
+    ("out-path-too-long", lambda e: e.run("--out", "o" * 5000), ("--out", "path too long"), 2),
+    (
+        "tasks-dir-is-a-file",
+        lambda e: (e.tmp / "plugin.py").write_text("x") and e.run("--tasks-dir", e.tmp / "plugin.py"),
+        ("plugin.py is a file, not a folder", "--tasks-dir"),
+        2,
+    ),
+    (
+        "plugin-sample-returns-ints",
+        lambda e: e.run(
+            "--tasks-dir", e.plugin(task_source("ints", body="return Example(1, 2)")), task="ints"
+        ),
+        (
+            "task 'ints'",
+            "plugin.py",
+            "sample() returned example(input=1, answer=2)",
+            "not an example(input=str",
+        ),
+        2,
+    ),
+    (
+        "plugin-sample-returns-a-number",
+        lambda e: e.run("--tasks-dir", e.plugin(task_source("num", body="return 5")), task="num"),
+        ("task 'num'", "plugin.py", "sample() returned 5, not an example"),
+        2,
+    ),
+    ("tokenizer-needs-remote-code", _tokenizer_remote_code, ("tokenizer", "--trust-remote-code"), 2),
     # -- sweeps: quantization on a machine that cannot, a label that would escape the sweep folder
     (
         "quantize-without-cuda",

@@ -170,7 +170,7 @@ def test_plan_expansion_labels_and_folders(tmp_path):
 
 def test_packaged_configs_validate():
     root = Path(__file__).resolve().parents[1] / "probes"
-    sizes = {"offline-families.yaml": 24, "offline-smoke.yaml": 8, "paper-families.yaml": 30}
+    sizes = {"offline-families.yaml": 80, "offline-smoke.yaml": 12, "paper-families.yaml": 30}
     for name, units in sizes.items():
         plan = expand(load_sweep_config(root / name), name)
         assert len(plan.units) == units and {u.config.n for u in plan.units} <= {40, 100}
@@ -301,30 +301,35 @@ def test_sweep_runs_then_resumes_recomputing_nothing(tiny_models, tmp_path, app,
 
 
 def test_failing_unit_is_reported_and_the_rest_run(tiny_models, tmp_path, app):
-    # a model with a context too short for the 8-shot prompts: that unit fails, the others complete
-    folder = tmp_path / "short-context"
+    # failures only the run itself finds (what can be checked before loading is refused up front, see
+    # test_robustness.py): NaN activations fail a model's units, weights that do not match their config fail
+    # its load; the sweep records both and the other model's unit completes
+    nan = tmp_path / "nan-model"
     model = make_model("llama", layers=2)
-    model.config.max_position_embeddings = 40
-    model.save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    broken = tmp_path / "broken"  # and a model that fails to load: its units fail, the sweep goes on
-    broken.mkdir()
-    (broken / "config.json").write_text("{")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    model.save_pretrained(nan)
+    make_tokenizer().save_pretrained(nan)
+    broken = tmp_path / "broken"
+    make_model("llama", layers=2).save_pretrained(broken)
+    make_tokenizer().save_pretrained(broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
     out = tmp_path / "sweep"
-    models = [str(folder), str(broken)]
-    cfg = {"name": "f", "out": str(out), "models": models, "tasks": ["bitwise"], "shots": [8, 0], "n": 5}
+    good = tiny_models["llama"]
+    models = [str(good), str(nan), str(broken)]
+    cfg = {"name": "f", "out": str(out), "models": models, "tasks": ["bitwise"], "shots": [1], "n": 5}
     path = write(tmp_path / "f.yaml", cfg)
     result = sweep(app, str(path), code=1)
     manifest = json.loads((out / "sweep.json").read_text())
     status = {u["id"]: u["status"] for u in manifest["units"]}
     assert status == {
-        "short-context/bitwise_8shot_seed0": "failed",
-        "short-context/bitwise_0shot_seed0": "complete",
-        "broken/bitwise_8shot_seed0": "failed",
-        "broken/bitwise_0shot_seed0": "failed",
+        f"{good.name}/bitwise_1shot_seed0": "complete",
+        "nan-model/bitwise_1shot_seed0": "failed",
+        "broken/bitwise_1shot_seed0": "failed",
     }
+    failed = manifest["units"][1]
+    assert "nan/inf" in failed["error"].lower() and "Traceback" in failed["traceback"]
     assert manifest["units"][2]["error"].startswith(f"loading {broken}")
-    failed = manifest["units"][0]
-    assert "context" in failed["error"] and "Traceback" in failed["traceback"]
     assert manifest["status"] == "failed"
-    assert "failed" in result.output and "more than the model's context" in result.output
+    assert "failed" in result.output and "NaN" in result.output

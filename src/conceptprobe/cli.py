@@ -127,6 +127,11 @@ def run(
     from conceptprobe.run import run as run_job  # torch and transformers: only once the config is valid
 
     folder = out or _default_out(cfg.model, cfg.task, cfg.shots, cfg.seed)
+    from conceptprobe.config import path_too_long
+
+    problem = path_too_long(folder)
+    if problem:
+        raise ConfigError(f"--out: {problem}; choose a shorter --out")
     if trust_remote_code:
         err_console.print(
             f"warning: --trust-remote-code: {cfg.model}'s own Python code may run",
@@ -225,7 +230,13 @@ def error_line(exc: BaseException) -> str:
     """The one line the CLI prints for an error: its message (first line), with a fix where it is known."""
     import errno
 
+    from conceptprobe.config import os_error_line
+
     text = " ".join(str(exc).strip().splitlines()[0].split()) if str(exc).strip() else ""
+    if isinstance(exc, OSError):  # a long path is cut, a name over the limits is "path too long"
+        text = os_error_line(exc)
+        if exc.errno == errno.ENAMETOOLONG:
+            return text
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT) and "rerun" not in text:
         return f"{text or 'no space left on device'}; free disk space, then rerun the same command to resume"
     if isinstance(exc, PermissionError) and "rerun" not in text:

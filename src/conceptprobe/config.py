@@ -18,6 +18,60 @@ class ConfigError(ValueError):
     """A configuration problem, with the file, the key and what is allowed."""
 
 
+#: Most prompts per concept a run may ask for (a typo such as ``--n 1000000000000`` fails at once).
+MAX_N = 100_000
+#: Seeds are 0 <= seed < 2**32 (numpy's and scikit-learn's seeds must fit in 32 bits).
+SEED_LIMIT = 2**32
+#: Most bytes a YAML config may have (configs are a few KB; a larger file is not a config).
+MAX_YAML_BYTES = 4 << 20
+#: Most characters of a path echoed in an error (the rest is cut, with its length named).
+ECHO_LIMIT = 80
+_NAME_MAX = 255  # bytes per file or folder name (Linux, macOS)
+_PATH_MAX = 4096  # bytes per path (Linux)
+
+
+def short(text: object, limit: int = ECHO_LIMIT) -> str:
+    """``text`` cut to its first ``limit`` characters and an ellipsis, for error lines."""
+    text = str(text)
+    return text if len(text) <= limit else f"{text[:limit]}…"
+
+
+def path_too_long(value: str | Path) -> str | None:
+    """Why ``value`` cannot be a path on this system (a name over 255 bytes, a path over 4096), or None."""
+    text = str(value)
+    longest = max((len(part.encode()) for part in Path(text).parts), default=0)
+    if longest > _NAME_MAX or len(text.encode()) > _PATH_MAX:
+        return (
+            f"path too long: {short(text)!r} has {len(text)} characters (file and folder names may have at "
+            f"most {_NAME_MAX} bytes, a path {_PATH_MAX})"
+        )
+    return None
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OSError as one short line: a name or path over the system's limits says "path too long", and a
+    long path in the message is cut (a 5 KB path is not echoed)."""
+    import errno
+
+    name = str(exc.filename or "")
+    if exc.errno == errno.ENAMETOOLONG:
+        return f"path too long: {short(name)!r} has {len(name)} characters; choose a shorter path (or --out)"
+    text = " ".join(str(exc).split())
+    if len(text) > 300:
+        text = f"{exc.strerror or exc.__class__.__name__}: {short(name)!r}" if name else short(text, 300)
+    return text
+
+
+def check_seed(value: int, flag: str = "--seed") -> int:
+    """A seed in 0 <= seed < 2**32, or a ValueError naming ``flag`` and the range."""
+    if not 0 <= value < SEED_LIMIT:
+        raise ValueError(
+            f"seed {short(value, 30)} is out of range: seeds are 0 <= seed < 2**32 ({SEED_LIMIT - 1}); "
+            f"pass {flag} 0 or another seed in that range"
+        )
+    return value
+
+
 class RunConfig(BaseModel):
     """Everything that determines one run's results (a fingerprint of it names the run's identity)."""
 
@@ -27,8 +81,8 @@ class RunConfig(BaseModel):
     task: str
     task_params: dict[str, Any] = Field(default_factory=dict)
     shots: int = Field(4, ge=0, le=256)
-    n: int = Field(100, ge=2, description="prompts per concept")
-    seed: int = 0
+    n: int = Field(100, ge=2, le=MAX_N, description="prompts per concept")
+    seed: int = Field(0, description="0 <= seed < 2**32")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     layers: Literal["all"] | list[int] = "all"
     positions: list[int] = Field(
@@ -70,6 +124,19 @@ class RunConfig(BaseModel):
                 "trust_remote_code=True to conceptprobe's run()"
             )
         return data
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, value: int) -> int:
+        return check_seed(value)
+
+    @field_validator("model")
+    @classmethod
+    def _model_path(cls, value: str) -> str:
+        problem = path_too_long(value)
+        if problem:
+            raise ValueError(f"--model: {problem}; pass a packaged alias, a shorter path or a hub id")
+        return value
 
     @field_validator("positions")
     @classmethod
@@ -128,7 +195,7 @@ MEASURE_FIELDS = (
 )
 
 
-def _format_validation_error(exc: ValidationError, source: str) -> str:
+def format_validation_error(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
@@ -157,17 +224,78 @@ def _unknown_key_hints(exc: ValidationError) -> str:
     return "; " + "; ".join(dict.fromkeys(hints)) if hints else ""
 
 
+class YAMLRefused(yaml.MarkedYAMLError):
+    """YAML that conceptprobe does not accept (anchors and aliases, duplicate keys), with its line."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases (no alias expansion, however nested) and
+    duplicate keys (the second silently replacing the first)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            kind = "alias" if isinstance(event, yaml.AliasEvent) else "anchor"
+            raise YAMLRefused(
+                problem=f"YAML {kind} {'*' if kind == 'alias' else '&'}{short(event.anchor, 40)} is not "
+                "accepted (no anchors or aliases in conceptprobe configs); write the values out",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                try:
+                    key = self.construct_object(key_node, deep=True)
+                    seen = key in first
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                line = key_node.start_mark.line + 1
+                if seen:
+                    raise YAMLRefused(
+                        problem=f"duplicate key {short(key, 40)!r} (first at line {first[key]}); keep one of them",
+                        problem_mark=key_node.start_mark,
+                    )
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str) -> Any:
+    """Parse YAML text with :class:`StrictLoader` (raises ``yaml.YAMLError``, :class:`YAMLRefused` included)."""
+    return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping, with errors naming the file and line."""
+    """Read a YAML mapping, with errors naming the file and line.
+
+    Files over :data:`MAX_YAML_BYTES`, anchors and aliases, and duplicate keys are refused.
+    """
     path = Path(path)
+    problem = path_too_long(path)
+    if problem:
+        raise ConfigError(f"config file: {problem}; pass a shorter path")
     if path.is_dir():
         raise ConfigError(f"config file {path} is a folder; pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; check the path")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(
+            f"{path}: {size} bytes, more than the {MAX_YAML_BYTES >> 20} MiB a config file may have; "
+            "pass the YAML config itself (a few KB)"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = parse_yaml(path.read_text())
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file (not UTF-8); pass a YAML config") from None
+    except YAMLRefused as exc:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}" if mark is not None else "somewhere"
+        raise ConfigError(f"{path}: {where}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -242,4 +370,4 @@ def make_run_config(base: dict[str, Any], overrides: dict[str, Any], source: str
     try:
         return RunConfig.model_validate(merged)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, source) + _unknown_key_hints(exc)) from None
+        raise ConfigError(format_validation_error(exc, source) + _unknown_key_hints(exc)) from None

@@ -167,7 +167,7 @@ def collect(
                         "correct": answer_matches(texts[j], p.answer),
                     }
                 bar.advance(job, len(idx))
-            sha = store.write_shard(concept, acts, preds, layers, config.positions)
+            sha = store.write_shard(concept, acts, preds, layers, config.positions, provenance=record)
             if record is not None:
                 sums[concept] = sha
                 store.write_run_json(record)
@@ -439,7 +439,31 @@ def run(
     Checks everything it can before loading weights. Without ``loaded``, a complete run whose outputs
     match the checksums in its ``run.json`` is returned as it is, loading and recomputing nothing, and
     a run whose shards are all complete recomputes its measures without loading the model.
+    The run holds ``<out>/.run.lock`` throughout: another process working in ``out`` is refused.
     """
+    import warnings
+
+    from conceptprobe.store import FolderLock
+
+    folder = Path(out)
+    if folder.exists() and not folder.is_dir():  # refused by the folder check, with its message
+        return _run(config, out, overwrite, tasks_dir, loaded, progress, console, trust_remote_code)
+    with FolderLock(folder) as lock:
+        if lock.stale is not None:
+            warnings.warn(lock.note(lock.stale), stacklevel=2)
+        return _run(config, out, overwrite, tasks_dir, loaded, progress, console, trust_remote_code)
+
+
+def _run(
+    config: RunConfig,
+    out: str | Path,
+    overwrite: bool,
+    tasks_dir: str | Path | None,
+    loaded: LoadedModel | None,
+    progress: bool,
+    console: Console | None,
+    trust_remote_code: bool,
+) -> RunResult:
     console = console or Console(stderr=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -16,6 +16,12 @@ file or the new one, never half of one. ``run.json`` records the sha256 of each 
 (``shards``) and, once the run is complete, of every output (``outputs``): a resumed run verifies them
 and recomputes only what is missing or corrupt. A write that fails (a full disk) removes its temporary
 file and raises :class:`StoreError` naming the file and the fix. Nothing is pickled.
+
+Each shard's metadata also carries the run's fingerprint, its capture settings and the model's info, so a
+run whose ``run.json`` became unreadable is rebuilt from its shards (:meth:`RunStore.recovered_record`)
+instead of recomputed. A process working in a run folder holds ``<run>/.run.lock`` (a sweep also
+``<sweep>/.sweep.lock``): a second process on the same folder is refused, naming the holder's pid; the
+lock of a process that is gone is taken over.
 """
 
 from __future__ import annotations
@@ -31,12 +37,13 @@ import re
 import struct
 import subprocess
 import time
+import warnings
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conceptprobe.config import CAPTURE_FIELDS, ConfigError, RunConfig
+from conceptprobe.config import CAPTURE_FIELDS, ConfigError, RunConfig, short
 
 if TYPE_CHECKING:  # torch, pandas and safetensors are imported where used: checking a folder needs none
     import pandas as pd
@@ -74,6 +81,206 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 class StoreError(RuntimeError):
     """A run folder could not be written (disk full, permissions); the message names the file and the fix."""
+
+
+# ---------------------------------------------------------------- locks
+
+#: The lock files of a run folder and of a sweep folder (they are not results: state checks ignore them).
+RUN_LOCK = ".run.lock"
+SWEEP_LOCK = ".sweep.lock"
+LOCK_NAMES = (RUN_LOCK, SWEEP_LOCK)
+_HELD: dict[tuple[str, int], int] = {}  # (lock path, pid) -> how many times this process holds it
+
+
+class LockedError(ConfigError):
+    """Another live process holds the lock of a run or sweep folder."""
+
+
+def _lock_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+class FolderLock:
+    """``<folder>/<name>`` holding this process's pid, created with ``O_CREAT | O_EXCL``.
+
+    Re-entrant within a process (a sweep holds its units' locks and the run inside takes them again). The
+    lock of a process that is gone is taken over (:meth:`acquire` returns that pid, for a note); a live
+    holder is refused with :class:`LockedError` naming its pid. :meth:`release` removes the file, and the
+    folders the lock created when they are still empty (a run refused before writing leaves nothing).
+    """
+
+    def __init__(self, folder: str | Path, name: str = RUN_LOCK) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / name
+        self._key = (os.path.abspath(self.path), os.getpid())
+        self._created: list[Path] = []
+        self._held = False
+        self.stale: int | None = None  # the pid of the gone process whose lock was taken over (0: no pid)
+
+    def acquire(self) -> int | None:
+        """Take the lock; returns :attr:`stale`. Raises :class:`LockedError` when a live process holds it."""
+        self.stale = self._acquire()
+        return self.stale
+
+    def _acquire(self) -> int | None:
+        if self._held:
+            return None
+        if _HELD.get(self._key):
+            _HELD[self._key] += 1
+            self._held = True
+            return None
+        self._created = [p for p in (self.folder, *self.folder.parents) if not p.exists()]  # deepest first
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _write_failed(self.path, exc) from exc
+        stale = None
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                taken = self._take_over()
+                stale = stale if taken is None else taken
+                continue
+            except OSError as exc:
+                self._remove_created()
+                raise _write_failed(self.path, exc) from exc
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()}\n")
+            _HELD[self._key] = 1
+            self._held = True
+            return stale
+        self._remove_created()
+        raise LockedError(f"could not take the lock {self.path} (other processes keep taking it); try again")
+
+    def _refuse(self, holder: int | str) -> LockedError:
+        self._remove_created()
+        return LockedError(
+            f"{self.folder} is in use by another conceptprobe process (pid {holder}, lock {self.path}); wait "
+            f"for it to finish, or, if no such process is running, delete {self.path.name} and rerun"
+        )
+
+    def _take_over(self) -> int | None:
+        """Move a dead holder's lock aside (atomically) and return its pid; refuse a live holder."""
+        holder = _lock_pid(self.path)
+        if holder is None:  # just created by another process, its pid not written yet (or not a lock)
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return None
+            if age < 5:
+                time.sleep(0.05)
+                if _lock_pid(self.path) is None and time.time() - self.path.stat().st_mtime < 5:
+                    raise self._refuse("unknown, taking the lock right now")
+                return None
+        elif holder != os.getpid() and _pid_alive(holder):
+            raise self._refuse(holder)
+        aside = self.path.with_name(f"{self.path.name}.stale{os.getpid()}")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:
+            return None
+        moved = _lock_pid(aside)
+        if moved != holder and moved is not None and _pid_alive(moved):  # another process took it meanwhile
+            with contextlib.suppress(OSError):
+                os.link(aside, self.path)  # put it back (unless yet another lock is there)
+            aside.unlink(missing_ok=True)
+            raise self._refuse(moved)
+        aside.unlink(missing_ok=True)
+        return holder if holder is not None else 0
+
+    def note(self, stale: int) -> str:
+        """The note on a taken-over lock (``stale``: what :meth:`acquire` returned)."""
+        whose = f"process {stale}, which is gone" if stale else "no process (it held no pid)"
+        return f"took over the lock {self.path} of {whose}"
+
+    def release(self) -> None:
+        if not self._held:
+            return
+        self._held = False
+        count = _HELD.get(self._key, 0)
+        if count > 1:
+            _HELD[self._key] = count - 1
+            return
+        _HELD.pop(self._key, None)
+        if _lock_pid(self.path) == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in self._created:  # the deepest first; only empty ones
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        self._created = []
+
+    def __enter__(self) -> FolderLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------- records
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words (``a string``, ``a list``, ...)."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = ((str, "a string"), ((int, float), "a number"), (list, "a JSON list"), (dict, "an object"))
+    return next((name for kind, name in kinds if isinstance(value, kind)), "null")
+
+
+def record_problem(data: Any) -> str | None:
+    """Why ``data`` (a parsed ``run.json``) is not a run record, or None."""
+    if not isinstance(data, dict):
+        return f"it holds {_json_kind(data)}, not a JSON object"
+    kinds = {
+        "fingerprint": str,
+        "config": dict,
+        "status": str,
+        "shards": dict,
+        "outputs": dict,
+        "model": dict,
+        "model_files": dict,
+        "layers": list,
+        "created": str,
+    }
+    for key, kind in kinds.items():
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            return f"key {key!r} holds {_json_kind(data[key])}, not {_json_kind(kind())}"
+    for key in ("shards", "outputs"):
+        for name, value in (data.get(key) or {}).items():
+            if not isinstance(value, str):
+                return f"{key}[{short(name, 40)!r}] is not a checksum"
+    if any(isinstance(v, bool) or not isinstance(v, int) for v in data.get("layers") or ()):
+        return "key 'layers' is not a list of integers"
+    return None
+
+
+def read_record(path: Path, fix: str = "move the folder away or pass --overwrite") -> dict[str, Any] | None:
+    """A run folder's ``run.json`` (None when missing); unreadable or wrong-shaped, a one-line ConfigError."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        why = "not UTF-8 text"
+    except json.JSONDecodeError as exc:
+        why = f"JSON syntax error at line {exc.lineno}, column {exc.colno}"
+    except OSError as exc:
+        raise ConfigError(f"{path} could not be read ({os.strerror(exc.errno or 0)}); {fix}") from None
+    else:
+        problem = record_problem(data)
+        if problem is None:
+            return data
+        raise ConfigError(f"{path} is not a run record ({problem}); {fix}")
+    raise ConfigError(f"{path} is not valid JSON ({why}); {fix}")
 
 
 def _write_failed(path: Path, exc: OSError) -> StoreError:
@@ -247,6 +454,8 @@ class RunStore:
         self.corrupt: dict[str, str] = {}  # concept -> why its shard was deleted (reported by the run)
         self._replaced: dict[str, Any] | None = None  # the run.json of a run --overwrite replaces
         self._unreadable = False  # its run.json could not be read
+        self._recovered: dict[str, Any] | None = None  # a record rebuilt from the shards
+        self._warned = False  # the rebuild was reported
 
     @property
     def run_json(self) -> Path:
@@ -265,19 +474,41 @@ class RunStore:
         return self.shard_dir / f"{concept}.safetensors"
 
     def read_run_json(self) -> dict[str, Any] | None:
-        if not self.run_json.is_file():
+        return read_record(self.run_json)
+
+    def recovered_record(self) -> dict[str, Any] | None:
+        """A record rebuilt from the shards when every shard in ``activations/`` carries this config's
+        fingerprint and the model's info (written by :meth:`write_shard`); None otherwise (no shard, or one
+        of another config, or shards written before they carried it)."""
+        if self._recovered is not None:
+            return self._recovered
+        if not self.shard_dir.is_dir() or self.shard_dir.is_symlink():
+            return None
+        metas = [m for p in sorted(self.shard_dir.glob("*.safetensors")) if (m := _shard_meta(p)) is not None]
+        fingerprint = self.config.fingerprint()
+        if not metas or any(m.get("fingerprint") != fingerprint for m in metas):
             return None
         try:
-            data = json.loads(self.run_json.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(
-                f"{self.run_json} is not valid JSON ({exc}); move the folder away or pass --overwrite"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"{self.run_json} is not a run record; move the folder away or pass --overwrite"
-            )
-        return data
+            model = json.loads(metas[0]["model"])
+            layers = json.loads(metas[0]["layers"])
+            files = json.loads(metas[0].get("model_files") or "null")
+        except (KeyError, TypeError, ValueError):
+            return None
+        record = {
+            "status": "running",
+            "created": now(),
+            "fingerprint": fingerprint,
+            "config": self.config.model_dump(mode="json"),
+            "model": model,
+            "model_files": files,
+            "layers": layers,
+            "shards": {},  # no checksums: each shard is checked by parsing it and its shape
+            "recovered_from_shards": len(metas),
+        }
+        if record_problem(record) or not isinstance(model, dict) or not layers:
+            return None
+        self._recovered = record
+        return record
 
     def check(self) -> dict[str, Any] | None:
         """Check the folder against this config without changing anything; the previous run.json, if any.
@@ -296,16 +527,26 @@ class RunStore:
             )
         try:
             previous = self.read_run_json()
-        except ConfigError:
+        except ConfigError as exc:
             if self.overwrite:
                 self._unreadable = True
                 return None
-            raise
+            recovered = self._recovered or self.recovered_record()
+            if recovered is None:
+                raise
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"{str(exc).split('; ')[0]}; rebuilt the record from its {recovered['recovered_from_shards']} "
+                    "shard(s), which carry this config's fingerprint: only what is missing is recomputed",
+                    stacklevel=2,
+                )
+            return recovered
         if previous is None:
             stray = sorted(
                 p.name
                 for p in (self.folder.iterdir() if self.folder.is_dir() else ())
-                if not _TEMP.match(p.name)
+                if not _TEMP.match(p.name) and p.name not in LOCK_NAMES
             )
             if stray:
                 raise ConfigError(
@@ -412,8 +653,14 @@ class RunStore:
         predictions: list[dict[str, Any]],
         layers: list[int],
         positions: list[int],
+        provenance: dict[str, Any] | None = None,
     ) -> str:
-        """Write a concept's shard atomically; returns its sha256."""
+        """Write a concept's shard atomically; returns its sha256.
+
+        Its metadata holds, besides the layers, positions and predictions, the run's fingerprint and capture
+        settings and, from ``provenance`` (the run record), the model's info and files: enough to rebuild
+        ``run.json``. Nothing that varies between equal runs (load times) is kept: equal runs, equal bytes.
+        """
         import torch
 
         if not torch.isfinite(activations).all():
@@ -423,12 +670,22 @@ class RunStore:
                 f"{layers[bad[1]]}); try --dtype float32, the model is numerically unstable in this dtype"
             )
         path = self.shard_path(concept)
+        dump = self.config.model_dump(mode="json")
         meta = {
             "concept": concept,
             "layers": json.dumps(layers),
             "positions": json.dumps(positions),
             "predictions": json.dumps(predictions),
+            "fingerprint": self.config.fingerprint(),
+            "config": json.dumps({k: dump[k] for k in CAPTURE_FIELDS}, sort_keys=True),
         }
+        model = (provenance or {}).get("model")
+        if isinstance(model, dict):
+            steady = {k: v for k, v in model.items() if k != "load_seconds"}
+            meta["model"] = json.dumps(steady, sort_keys=True, default=str)
+            meta["model_files"] = json.dumps(
+                (provenance or {}).get("model_files"), sort_keys=True, default=str
+            )
         data = safetensors_bytes("activations", activations, meta)
         atomic_write_bytes(path, data)
         return hashlib.sha256(data).hexdigest()
@@ -486,20 +743,26 @@ class RunStore:
         return problems
 
 
-def _is_shard(path: Path) -> bool:
-    """Whether ``path`` is a conceptprobe shard: a regular safetensors file with a concept and layers."""
+def _shard_meta(path: Path) -> dict[str, Any] | None:
+    """The metadata of a conceptprobe shard (a regular safetensors file with a concept and layers), or None."""
     if path.is_symlink() or not path.is_file():
-        return False
+        return None
     try:
         with path.open("rb") as fh:
             size = struct.unpack("<Q", fh.read(8))[0]
             if size > 1 << 26:
-                return False
+                return None
             header = json.loads(fh.read(size))
     except (OSError, struct.error, ValueError):
-        return False
+        return None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return isinstance(meta, dict) and "concept" in meta and "layers" in meta
+    ok = isinstance(meta, dict) and "concept" in meta and "layers" in meta
+    return meta if ok else None
+
+
+def _is_shard(path: Path) -> bool:
+    """Whether ``path`` is a conceptprobe shard: a regular safetensors file with a concept and layers."""
+    return _shard_meta(path) is not None
 
 
 def read_metrics(folder: str | Path) -> pd.DataFrame:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from conceptprobe.config import ConfigError, RunConfig
+from conceptprobe.config import ConfigError, RunConfig, os_error_line
 
 if TYPE_CHECKING:
     from conceptprobe.prompts import Prompt
@@ -302,6 +302,7 @@ def _check_folder(ref: str, folder: Path, trust_remote_code: bool) -> ModelRef:
             f"model {ref}: its config.json asks to run the model's own Python code (auto_map), which "
             "conceptprobe never does unless you pass --trust-remote-code (only for code you trust)"
         )
+    _check_tokenizer_code(ref, folder, trust_remote_code)
     info.architecture = _architecture(ref, data, str(cfg_path))
     info.model_type = data.get("model_type")
     info.n_layers, info.max_positions = _dims(data)
@@ -316,6 +317,34 @@ def _check_folder(ref: str, folder: Path, trust_remote_code: bool) -> ModelRef:
     for path in weights:
         check_safetensors_file(path, f"model {ref}", "re-download or re-save the model")
     return info
+
+
+def _check_tokenizer_code(ref: str, folder: Path, trust_remote_code: bool) -> None:
+    """Refuse a tokenizer that would run its own Python code (``auto_map`` naming a class transformers
+    does not have), unless ``--trust-remote-code`` was passed."""
+    path = folder / "tokenizer_config.json"
+    if trust_remote_code or not path.is_file():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return  # the tokenizer's own loading reports it
+    auto = data.get("auto_map") if isinstance(data, dict) else None
+    if not auto or (isinstance(auto, dict) and "AutoTokenizer" not in auto):
+        return
+    name = data.get("tokenizer_class")
+    if isinstance(name, str) and name:
+        from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+        try:
+            if tokenizer_class_from_name(name) is not None:
+                return  # transformers has the class itself: the auto_map is not used
+        except Exception:  # noqa: BLE001 - an odd name: treat it as unknown
+            pass
+    raise ConfigError(
+        f"model {ref}: its tokenizer_config.json asks to run the tokenizer's own Python code (auto_map), which "
+        "conceptprobe never does unless you pass --trust-remote-code (only for code you trust)"
+    )
 
 
 def _shipped_configs() -> dict[str, Path]:
@@ -455,56 +484,110 @@ def check_layers(config: RunConfig, n_layers: int, ref: str) -> list[int]:
 def check_task(
     config: RunConfig, tasks_dir: str | Path | None = None
 ) -> tuple[ConceptTask, dict[str, list[Prompt]]]:
-    """The task and its prompts per concept; plugin and parameter problems become one-line errors."""
+    """The task and its prompts per concept; plugin and parameter problems become one-line errors.
+
+    A plugin task's constructor and each call of its ``sample()`` run under the plugin time limit
+    (:class:`~conceptprobe.tasks.registry.Watchdog`), and what ``sample()`` returns is checked.
+    """
+    import contextlib
+    import warnings
+
     from conceptprobe.prompts import build_prompts
-    from conceptprobe.tasks import UnknownTaskError, get_task
-    from conceptprobe.tasks.registry import task_origin
+    from conceptprobe.tasks import UnknownTaskError, get_task_class
+    from conceptprobe.tasks.registry import (
+        PluginTimeout,
+        TimedTask,
+        Watchdog,
+        plugin_timeout,
+        task_origin,
+        time_limit_note,
+    )
 
     try:
-        task = get_task(config.task, tasks_dir=tasks_dir, **config.task_params)
+        cls = get_task_class(config.task, tasks_dir=tasks_dir)
     except UnknownTaskError as exc:
         raise ConfigError(f"task: {exc}") from None
-    except FileNotFoundError as exc:
-        raise ConfigError(str(exc)) from None
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"task_params for task {config.task!r}: {exc}") from None
+    except OSError as exc:  # the tasks folder is missing, or a file
+        raise ConfigError(os_error_line(exc)) from None
     origin = task_origin(config.task)
-    for concept in task.concepts:
-        if not isinstance(concept, str) or not SAFE_NAME.match(concept):
-            raise ConfigError(
-                f"task {config.task!r} ({origin}) has a concept named {concept!r}, which cannot name a file: "
-                "use letters, digits and . _ + - only (not starting with . or containing /)"
+    plugin = origin != "builtin"
+    watchdog = Watchdog(plugin_timeout()) if plugin else None
+
+    def failed(exc: BaseException, what: str, fix: str) -> ConfigError:
+        """The one-line error for a plugin's code that raised or ran past the time limit."""
+        if isinstance(exc, KeyboardInterrupt) and (watchdog is None or watchdog.interrupted):
+            raise exc  # the user's Ctrl-C
+        if isinstance(exc, PluginTimeout):
+            why, fix = (
+                f"it did not return within {plugin_timeout():g} s (a loop?)",
+                f"{fix}; {time_limit_note()}",
             )
-    total = config.n * len(task.concepts)
-    if config.knn_k >= total:
-        raise ConfigError(
-            f"knn_k={config.knn_k}: k-NN decodability needs more than k prompts in all, and n={config.n} x "
-            f"{len(task.concepts)} concepts of task {config.task!r} gives {total}; raise --n or lower --knn-k"
-        )
-    min_shots = int(getattr(task, "min_shots", 0) or 0)
-    if config.shots < min_shots:
-        raise ConfigError(
-            f"shots={config.shots}: task {config.task!r} needs at least {min_shots} demonstration(s) per "
-            f"prompt; pass --shots {min_shots} or more"
-        )
-    prompts = {}
-    for concept in task.concepts:
+        elif isinstance(exc, SystemExit):
+            why = f"it called sys.exit({exc.code!r})"
+        else:
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            why = f"{exc.__class__.__name__}: {text}"
+        return ConfigError(f"task {config.task!r} ({origin}) {what}: {why}; {fix}")
+
+    with watchdog or contextlib.nullcontext():
         try:
-            prompts[concept] = build_prompts(
-                task, concept, config.shots, config.n, config.seed, config.prompt_format
-            )
-        except Exception as exc:  # noqa: BLE001 - a plugin's sampler may raise anything
+            task = watchdog.call(cls, **config.task_params) if watchdog else cls(**config.task_params)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"task_params for task {config.task!r}: {exc}") from None
+        except BaseException as exc:  # noqa: BLE001 - a plugin's constructor may raise anything
+            if not plugin:
+                raise
+            raise failed(exc, "failed to start", "fix the task's __init__()") from None
+        for concept in task.concepts:
+            if not isinstance(concept, str) or not SAFE_NAME.match(concept):
+                raise ConfigError(
+                    f"task {config.task!r} ({origin}) has a concept named {concept!r}, which cannot name a file: "
+                    "use letters, digits and . _ + - only (not starting with . or containing /)"
+                )
+        total = config.n * len(task.concepts)
+        if config.knn_k >= total:
             raise ConfigError(
-                f"task {config.task!r} ({origin}) failed to generate examples of concept {concept!r}: "
-                f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}; "
-                "fix the task's sample() (e.g. an empty word list)"
-            ) from exc
-        bad = [p for p in prompts[concept] if not p.answer.strip()]
-        if bad:
-            raise ConfigError(
-                f"task {config.task!r} ({origin}) generated an empty answer for concept {concept!r} "
-                f"(input {bad[0].query!r}); exact-match accuracy needs a non-empty answer: fix its sample()"
+                f"knn_k={config.knn_k}: k-NN decodability needs more than k prompts in all, and n={config.n} x "
+                f"{len(task.concepts)} concepts of task {config.task!r} gives {total}; raise --n or lower --knn-k"
             )
+        min_shots = int(getattr(task, "min_shots", 0) or 0)
+        if config.shots < min_shots:
+            raise ConfigError(
+                f"shots={config.shots}: task {config.task!r} needs at least {min_shots} demonstration(s) per "
+                f"prompt; pass --shots {min_shots} or more"
+            )
+        sampler = TimedTask(task, watchdog) if watchdog else task
+        prompts = {}
+        for concept in task.concepts:
+            try:
+                prompts[concept] = build_prompts(
+                    sampler,  # type: ignore[arg-type]
+                    concept,
+                    config.shots,
+                    config.n,
+                    config.seed,
+                    config.prompt_format,
+                )
+            except BaseException as exc:  # noqa: BLE001 - a plugin's sampler may raise anything
+                if not plugin and not isinstance(exc, Exception):
+                    raise
+                plain = isinstance(exc, (TypeError, PluginTimeout, SystemExit, KeyboardInterrupt))
+                fix = "fix the task's sample()" + ("" if plain else " (e.g. an empty word list)")
+                raise failed(exc, f"failed to generate examples of concept {concept!r}", fix) from exc
+            bad = [p for p in prompts[concept] if not p.answer.strip()]
+            if bad:
+                raise ConfigError(
+                    f"task {config.task!r} ({origin}) generated an empty answer for concept {concept!r} "
+                    f"(input {bad[0].query!r}); exact-match accuracy needs a non-empty answer: fix its sample()"
+                )
+    multiline = [p for ps in prompts.values() for p in ps if "\n" in p.answer.strip()]
+    if multiline:
+        warnings.warn(
+            f"task {config.task!r} ({origin}): {len(multiline)} answer(s) contain a newline (e.g. concept "
+            f"{multiline[0].concept!r}: {multiline[0].answer[:40]!r}); they can never match, since generation "
+            "stops at a newline: fix the task's sample()",
+            stacklevel=2,
+        )
     return task, prompts
 
 

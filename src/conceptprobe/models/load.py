@@ -96,6 +96,37 @@ def _strip_gguf_quantizer(model: PreTrainedModel) -> None:
 TokenizerHook = Callable[[PreTrainedTokenizerBase], None]
 
 
+def _auto_tokenizer(
+    source: str | Path, ref: str, trust_remote_code: bool, **kwargs: Any
+) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained``; a tokenizer that needs its own code names --trust-remote-code."""
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except ValueError as exc:
+        text = str(exc)
+        if not trust_remote_code and ("custom code" in text or "trust_remote_code" in text):
+            raise ModelLoadError(
+                f"model {ref}: its tokenizer needs its own Python code, which conceptprobe never runs unless "
+                "you pass --trust-remote-code (only for code you trust)"
+            ) from None
+        raise
+
+
+def load_tokenizer(
+    ref: str, trust_remote_code: bool = False, revision: str | None = None
+) -> PreTrainedTokenizerBase:
+    """The prepared tokenizer of ``ref`` alone, loading no weights (to check prompts against it)."""
+    if ref in PACKAGED or ref.endswith(".gguf"):
+        path = gguf_path(PACKAGED[ref]) if ref in PACKAGED else Path(ref).expanduser().resolve()
+        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    elif Path(ref).expanduser().is_dir():
+        tok = _auto_tokenizer(Path(ref).expanduser(), ref, trust_remote_code)
+    else:
+        tok = _auto_tokenizer(ref, ref, trust_remote_code, revision=revision)
+    _tokenizer_ready(tok, ref, None)
+    return tok
+
+
 def _tokenizer_ready(tok: PreTrainedTokenizerBase, ref: str, hook: TokenizerHook | None) -> None:
     """Prepare the tokenizer and run the caller's checks on it, before any weight is loaded."""
     try:
@@ -258,7 +289,7 @@ def load_model(
             raise ModelLoadError(
                 f"folder {folder} has no config.json, so it is not a transformers model.{hint}"
             )
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tok = _auto_tokenizer(folder, ref, trust_remote_code)
         _tokenizer_ready(tok, ref, on_tokenizer)
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True, **kwargs
@@ -266,7 +297,7 @@ def load_model(
         source, file = "local", str(folder.resolve())
     else:
         try:
-            tok = AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+            tok = _auto_tokenizer(ref, ref, trust_remote_code, revision=revision)
             _tokenizer_ready(tok, ref, on_tokenizer)
             model = AutoModelForCausalLM.from_pretrained(
                 ref,

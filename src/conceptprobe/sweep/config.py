@@ -32,8 +32,10 @@ from pydantic import (
 from conceptprobe.config import (
     ConfigError,
     RunConfig,
-    _format_validation_error,
+    check_seed,
+    format_validation_error,
     load_yaml,
+    path_too_long,
     refuse_flag_only_keys,
 )
 
@@ -90,6 +92,14 @@ class ModelEntry(BaseModel):
             )
         return value
 
+    @field_validator("ref")
+    @classmethod
+    def _ref_length(cls, value: str) -> str:
+        problem = path_too_long(value)
+        if problem:
+            raise ValueError(f"{problem}; pass a packaged alias, a shorter path or a hub id")
+        return value
+
     @model_validator(mode="after")
     def _fill_label(self) -> ModelEntry:
         if self.label is None:
@@ -105,6 +115,16 @@ class TaskEntry(BaseModel):
     name: str = Field(min_length=1)
     params: dict[str, Any] = Field(default_factory=dict)
     label: str | None = Field(None, description="folder name prefix [the task name]")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not _SAFE.match(value):
+            shown = value if len(value) <= 80 else value[:80] + "…"
+            raise ValueError(
+                f"task name {shown!r} is not a task name: tasks are named with letters, digits and . _ + -"
+            )
+        return value
 
     @field_validator("label")
     @classmethod
@@ -184,13 +204,25 @@ class SweepConfig(_RunDefaults):  # type: ignore[misc, valid-type]
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: list[int]) -> list[int]:
+        for seed in value:
+            check_seed(seed, "--seeds")
         if len(set(value)) != len(value):
             raise ValueError(f"seeds lists a value twice: {value}")
+        return value
+
+    @field_validator("out")
+    @classmethod
+    def _out_length(cls, value: str | None) -> str | None:
+        problem = path_too_long(value) if value is not None else None
+        if problem:
+            raise ValueError(f"{problem}; choose a shorter --out")
         return value
 
     @model_validator(mode="after")
     def _extra_seeds(self) -> SweepConfig:
         for shots, seeds in self.extra_seeds.items():
+            for seed in seeds:
+                check_seed(seed, "extra_seeds")
             if shots not in self.shots:
                 raise ValueError(f"extra_seeds has shots {shots}, which is not in shots {self.shots}")
             repeated = sorted(set(seeds) & set(self.seeds)) or sorted(
@@ -237,7 +269,7 @@ class SweepConfig(_RunDefaults):  # type: ignore[misc, valid-type]
 
 def _format(exc: ValidationError, source: str) -> str:
     """Pydantic errors as one line; unknown keys get the allowed keys and a near name."""
-    text = _format_validation_error(exc, source)
+    text = format_validation_error(exc, source)
     hints = []
     for err in exc.errors():
         if err["type"] != "extra_forbidden":

@@ -33,6 +33,9 @@ from rich.progress import (
 from conceptprobe import __version__
 from conceptprobe.config import ConfigError, RunConfig
 from conceptprobe.store import (
+    RUN_LOCK,
+    SWEEP_LOCK,
+    FolderLock,
     atomic_write_text,
     git_revision,
     now,
@@ -45,6 +48,7 @@ from conceptprobe.sweep.plan import (
     SweepPlan,
     Unit,
     UnitState,
+    check_units,
     plan_states,
     read_manifest,
     relative,
@@ -228,7 +232,7 @@ class Manifest:
                 "action": None,
                 "error": None,
             }
-            old = before.get(unit.id, {})
+            old = before.get(unit.id) or _timings_of(unit)
             if state.status == "complete":
                 same = old.get("fingerprint") == entry["fingerprint"]
                 entry.update({k: old.get(k) for k in ("started", "finished", "seconds")} if same else {})
@@ -259,6 +263,23 @@ class Manifest:
             inv[key] = sum(1 for u in self.data["units"] if u.get("action") == key)
         inv["wall_s"] = round(time.perf_counter() - self.started, 2)
         atomic_write_text(self.path, json.dumps(self.data, indent=2, default=str) + "\n")
+
+
+def _timings_of(unit: Unit) -> dict[str, Any]:
+    """A complete unit's timings from its own run.json (when sweep.json had to be rebuilt)."""
+    from conceptprobe.store import read_record
+
+    try:
+        record = read_record(unit.folder / "run.json") or {}
+    except ConfigError:
+        return {}
+    timings = record.get("timings")
+    seconds = timings.get("total_s") if isinstance(timings, dict) else None
+    return {
+        "fingerprint": record.get("fingerprint"),
+        "finished": record.get("updated"),
+        "seconds": seconds if isinstance(seconds, (int, float)) else None,
+    }
 
 
 # ---------------------------------------------------------------- executor
@@ -299,6 +320,14 @@ def _sweep_progress(console: Console, enabled: bool) -> Progress:
     )
 
 
+def hold_sweep_lock(plan: SweepPlan, console: Console) -> FolderLock:
+    """Take ``<out>/.sweep.lock`` (a note when a gone process's lock is taken over); the caller releases it."""
+    lock = FolderLock(plan.out, SWEEP_LOCK)
+    if lock.acquire() is not None:
+        console.print(f"note: {lock.note(lock.stale or 0)}", highlight=False, markup=False, soft_wrap=True)
+    return lock
+
+
 def run_sweep(
     plan: SweepPlan,
     *,
@@ -307,8 +336,28 @@ def run_sweep(
     progress: bool = True,
     console: Console | None = None,
 ) -> SweepResult:
-    """Run every unit of ``plan`` not complete yet; a failing unit is recorded and the rest go on."""
+    """Run every unit of ``plan`` not complete yet; a failing unit is recorded and the rest go on.
+
+    The sweep holds ``<out>/.sweep.lock`` and the ``.run.lock`` of every unit it has left to run: a second
+    process on the same sweep (or on one of its units) is refused. Everything ``conceptprobe run`` checks
+    before loading is checked for every unit first (:func:`~conceptprobe.sweep.plan.check_units`).
+    """
     console = console or Console(stderr=True)
+    lock = hold_sweep_lock(plan, console)
+    try:
+        return _run_sweep(plan, tasks_dir, overwrite, progress, console)
+    finally:
+        lock.release()
+
+
+def _run_sweep(
+    plan: SweepPlan,
+    tasks_dir: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+    console: Console,
+) -> SweepResult:
+    read_manifest(plan.out, set_aside=True)  # a corrupt sweep.json is set aside and rebuilt
     states = plan_states(plan)
     conflicts = [u for u in plan.units if states[u.id].status == "conflict"]
     if conflicts and not overwrite:
@@ -320,7 +369,34 @@ def run_sweep(
     todo = [u for u in plan.units if states[u.id].status != "complete"]
     todo_ids = {u.id for u in todo}
     preflight([m for m, units in plan.by_model() if any(u.id in todo_ids for u in units)])
+    check_units(plan, todo, tasks_dir)
+    unit_locks = {u.id: FolderLock(u.folder, RUN_LOCK) for u in todo}
+    try:
+        stale = [lk for lk in unit_locks.values() if lk.acquire() is not None]
+        if stale:
+            console.print(
+                f"note: took over {len(stale)} unit lock(s) of processes that are gone, e.g. {stale[0].path}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        return _run_units(plan, states, todo, unit_locks, tasks_dir, overwrite, progress, console)
+    finally:
+        for unit_lock in reversed(list(unit_locks.values())):  # the last taken first: created folders go
+            unit_lock.release()
 
+
+def _run_units(
+    plan: SweepPlan,
+    states: dict[str, UnitState],
+    todo: list[Unit],
+    unit_locks: dict[str, FolderLock],
+    tasks_dir: str | Path | None,
+    overwrite: bool,
+    progress: bool,
+    console: Console,
+) -> SweepResult:
+    todo_ids = {u.id for u in todo}
     manifest = Manifest(plan, states)
     manifest.write("running")
     total = len(plan.units)
@@ -342,6 +418,7 @@ def run_sweep(
                 message = f"loading {model.ref}: {_one_line(exc)}"
                 for unit in pending:
                     _fail(manifest, unit, message, exc)
+                    unit_locks[unit.id].release()
                     done += 1
                     console.print(
                         f"[red]failed[/] [{done}/{total}] {unit.id}: {escape(message)}", highlight=False
@@ -352,6 +429,7 @@ def run_sweep(
             try:
                 for unit in pending:
                     _run_unit(manifest, unit, loaded, tasks_dir, overwrite, progress, console)
+                    unit_locks[unit.id].release()
                     done += 1
                     entry = manifest.units[unit.id]
                     if entry["status"] == "complete":

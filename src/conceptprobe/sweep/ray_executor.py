@@ -246,12 +246,47 @@ def run_sweep_ray(
     joins a running cluster. The Ray instance is shut down at the end only if this call started it.
     ``progress`` is accepted for symmetry with the local executor (tasks print nothing; one line per unit).
     """
-    from conceptprobe.models.plan import parse_size
-    from conceptprobe.sweep.local import Manifest, SweepResult
-    from conceptprobe.sweep.plan import plan_states
+    from conceptprobe.sweep.local import hold_sweep_lock
 
     ray = _ray()
     console = console or Console(stderr=True)
+    lock = hold_sweep_lock(plan, console)  # the driver holds the sweep's lock; each run takes its own
+    try:
+        return _run_sweep_ray(
+            ray,
+            plan,
+            address,
+            tasks_dir,
+            overwrite,
+            console,
+            gpus_per_task,
+            gpu_memory,
+            cpus_per_task,
+            max_retries,
+            init_kwargs,
+        )
+    finally:
+        lock.release()
+
+
+def _run_sweep_ray(
+    ray: Any,
+    plan: SweepPlan,
+    address: str | None,
+    tasks_dir: str | Path | None,
+    overwrite: bool,
+    console: Console,
+    gpus_per_task: int | dict[str, int] | None,
+    gpu_memory: str | int,
+    cpus_per_task: int,
+    max_retries: int,
+    init_kwargs: dict[str, Any] | None,
+) -> SweepResult:
+    from conceptprobe.models.plan import parse_size
+    from conceptprobe.sweep.local import Manifest, SweepResult
+    from conceptprobe.sweep.plan import plan_states, read_manifest
+
+    read_manifest(plan.out, set_aside=True)  # a corrupt sweep.json is set aside and rebuilt
     states = plan_states(plan)
     conflicts = [u for u in plan.units if states[u.id].status == "conflict"]
     if conflicts and not overwrite:

@@ -28,6 +28,10 @@ OPERATORS: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 """Concept name -> elementwise operator on 0/1 integer arrays."""
 
 
+#: Most digits per number (a prompt holds 3 x width digits per demonstration).
+MAX_WIDTH = 64
+
+
 def _bits(bits: np.ndarray) -> str:
     return "".join("1" if b else "0" for b in bits)
 
@@ -48,8 +52,11 @@ class BitwiseTask(ConceptTask):
             raise ValueError(
                 f"task 'bitwise' got unknown parameter(s) {sorted(unknown)}; its only parameter is `width`"
             )
-        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or width < 1:
-            raise ValueError(f"bitwise `width` must be an integer >= 1 (digits per number), got {width!r}")
+        if isinstance(width, bool) or not isinstance(width, numbers.Integral) or not 1 <= width <= MAX_WIDTH:
+            raise ValueError(
+                f"bitwise `width` must be an integer from 1 to {MAX_WIDTH} (digits per number, it sets the "
+                f"prompt length), got {str(width)[:40]!r}"
+            )
         super().__init__(width=int(width))
         self.width = int(width)
 

@@ -2,25 +2,42 @@
 
 Discovery is lazy and happens once per process (or per tasks folder). A plugin that fails to import
 warns and is skipped; a plugin never replaces a built-in; an unknown name errors with "did you mean".
+
+Plugins are isolated from the tool: a plugin's import runs under a time limit (``$CONCEPTPROBE_PLUGIN_TIMEOUT``
+seconds, default 10) with its stdout and stderr captured, and anything it raises, ``SystemExit`` and
+``KeyboardInterrupt`` included, makes it a skipped plugin, never the CLI's own exit. Task names follow the
+same rule as concepts and labels (they name folders): letters, digits and ``. _ + -``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import importlib.util
+import io
 import os
+import re
+import signal
 import sys
+import threading
+import time
 import types
 import warnings
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
-from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask
+from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask, Example
 
 ENTRY_POINT_GROUP = "conceptprobe.tasks"
 TASKS_DIR_ENV = "CONCEPTPROBE_TASKS_DIR"
+#: Seconds a plugin's import, or one call of a plugin task's code (its constructor, sample()), may take.
+PLUGIN_TIMEOUT_ENV = "CONCEPTPROBE_PLUGIN_TIMEOUT"
+DEFAULT_PLUGIN_TIMEOUT = 10.0
+#: Task names name folders (default run folders, sweep units): no separators, no leading dot.
+SAFE_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _BUILTIN_MODULES = (
     "conceptprobe.tasks.pos",
     "conceptprobe.tasks.bitwise",
@@ -47,6 +64,133 @@ class UnknownTaskError(KeyError):
 
 class PluginWarning(UserWarning):
     """A task plugin was skipped (import failed, or it tried to shadow a built-in)."""
+
+
+class PluginTimeout(BaseException):
+    """A plugin's code ran past the time limit.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: a plugin's own ``except Exception`` does not swallow it.
+    """
+
+
+def plugin_timeout() -> float:
+    """The time limit on plugin code, in seconds: ``$CONCEPTPROBE_PLUGIN_TIMEOUT`` or 10."""
+    raw = os.environ.get(PLUGIN_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else DEFAULT_PLUGIN_TIMEOUT
+    except ValueError:
+        return DEFAULT_PLUGIN_TIMEOUT
+    return value if value > 0 else DEFAULT_PLUGIN_TIMEOUT
+
+
+class Watchdog:
+    """A time limit on plugin code in the main thread: a ``SIGALRM`` timer ticks and, once the code being
+    timed has run longer than ``seconds``, raises :class:`PluginTimeout` in it.
+
+    ``running=True`` times the whole ``with`` block (a plugin's import); otherwise only the calls made
+    through :meth:`call` (each call gets ``seconds``). A Ctrl-C of the user during the block sets
+    :attr:`interrupted`, so callers can tell it from a ``KeyboardInterrupt`` raised by the plugin. Off the
+    main thread (or without ``SIGALRM``) nothing is timed.
+    """
+
+    def __init__(self, seconds: float, running: bool = False) -> None:
+        self.seconds = seconds
+        self.running = running
+        self.interrupted = False
+        self._deadline: float | None = None
+        self._active = False
+
+    def __enter__(self) -> Watchdog:
+        self._active = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+        if self.running:
+            self._deadline = time.monotonic() + self.seconds
+        if self._active:
+            tick = min(0.25, self.seconds / 4)
+            self._entered = time.monotonic()
+            self._old_alarm = signal.signal(signal.SIGALRM, self._on_alarm)
+            self._old_int = signal.signal(signal.SIGINT, self._on_interrupt)
+            self._old_timer = signal.setitimer(signal.ITIMER_REAL, tick, tick)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._deadline = None
+        if not self._active:
+            return
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, self._old_alarm)
+        signal.signal(signal.SIGINT, self._old_int)
+        delay, interval = self._old_timer
+        if delay > 0:  # someone else's timer was running: re-arm what is left of it
+            left = delay - (time.monotonic() - self._entered)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 0.001), interval)
+
+    def _on_alarm(self, signum: int, frame: object) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            self._deadline = time.monotonic() + 1.0  # raised again if the plugin swallows it
+            raise PluginTimeout(f"did not finish within {self.seconds:g} s")
+
+    def _on_interrupt(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+        raise KeyboardInterrupt
+
+    def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, under the time limit."""
+        self._deadline = time.monotonic() + self.seconds
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._deadline = None
+
+
+def time_limit_note() -> str:
+    """How to change the time limit on plugin code (for messages)."""
+    return f"${PLUGIN_TIMEOUT_ENV} sets the limit, now {plugin_timeout():g} s"
+
+
+class TimedTask:
+    """A plugin task whose ``sample()``, ``from_pool()`` and ``pool()`` calls run under a :class:`Watchdog`,
+    their results checked (an :class:`Example` of two strings); every other attribute is the task's."""
+
+    def __init__(self, task: ConceptTask, watchdog: Watchdog) -> None:
+        self._task = task
+        self._watchdog = watchdog
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._task, name)
+
+    def sample(self, concept: str, rng: Any) -> Example:
+        return _checked_example("sample", self._watchdog.call(self._task.sample, concept, rng))
+
+    def from_pool(self, item: Any, concept: str, rng: Any) -> Example:
+        return _checked_example("from_pool", self._watchdog.call(self._task.from_pool, item, concept, rng))
+
+    def pool(self, role: str) -> Any:
+        return self._watchdog.call(self._task.pool, role)
+
+
+def _checked_example(method: str, value: Any) -> Example:
+    if not (isinstance(value, Example) and isinstance(value.input, str) and isinstance(value.answer, str)):
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:80] + "…"
+        raise TypeError(f"{method}() returned {shown}, not an Example(input=str, answer=str)")
+    return value
+
+
+def describe_failure(exc: BaseException, captured: str = "") -> str:
+    """A plugin failure in words, one line (``captured``: what the plugin printed, its last line is quoted)."""
+    printed = [line.strip() for line in captured.splitlines() if line.strip()]
+    said = f" (it printed: {printed[-1][:120]!r})" if printed else ""
+    if isinstance(exc, PluginTimeout):
+        return f"its import did not finish within {plugin_timeout():g} s (a loop?); {time_limit_note()}"
+    if isinstance(exc, SystemExit):
+        return (
+            f"it called sys.exit({exc.code!r}) while being imported (e.g. argparse reading the command line "
+            f"at import){said}; a plugin must not exit"
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return f"it raised KeyboardInterrupt while being imported{said}"
+    text = " ".join(str(exc).split())
+    return f"{exc.__class__.__name__}: {text[:200]}" if text else exc.__class__.__name__
 
 
 def _validate(cls: type[ConceptTask], name: str) -> None:
@@ -88,7 +232,16 @@ def _origin_of(cls: type) -> str:
 
 
 def register_task(name: str):
-    """Class decorator registering a :class:`ConceptTask` subclass under ``name``."""
+    """Class decorator registering a :class:`ConceptTask` subclass under ``name``.
+
+    ``name`` names folders (run and sweep folders), so it must be letters, digits and ``. _ + -`` only.
+    """
+    if not isinstance(name, str) or not SAFE_TASK_NAME.match(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "…"
+        raise ValueError(
+            f"task name {shown} cannot name a folder: use letters, digits and . _ + - only (not starting "
+            "with . or containing /); rename the task"
+        )
 
     def decorator(cls: type[ConceptTask]) -> type[ConceptTask]:
         _validate(cls, name)
@@ -120,20 +273,54 @@ def register_task(name: str):
     return decorator
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[io.StringIO]:
+    """The plugin's stdout and stderr captured (e.g. argparse's usage text), its warnings held back.
+
+    PluginWarnings raised while loading (a plugin shadowing a built-in) are re-issued afterwards; the
+    plugin's own warnings and output are dropped.
+    """
+    buffer = io.StringIO()
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with (
+            warnings.catch_warnings(record=True) as caught,  # type: ignore[assignment]
+            contextlib.redirect_stdout(buffer),
+            contextlib.redirect_stderr(buffer),
+        ):
+            warnings.simplefilter("always")
+            yield buffer
+    finally:
+        for w in caught:
+            if issubclass(w.category, PluginWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _load_with_origin(origin: str, loader) -> None:
+    """Run ``loader`` (a plugin's import) under the time limit, output captured; any failure skips it."""
     global _current_origin
     previous = _current_origin
     _current_origin = origin
     before = set(_REGISTRY)
+    watchdog = Watchdog(plugin_timeout(), running=True)
+    captured = ""
     try:
-        loader()
-    except Exception as exc:  # a broken plugin must not break the tool
+        with _quiet() as output:
+            try:
+                with watchdog:
+                    loader()
+            finally:
+                captured = output.getvalue()
+    except BaseException as exc:  # a broken plugin must not break (or exit, or hang) the tool
+        if watchdog.interrupted:  # the user's Ctrl-C, not the plugin's
+            raise
         for name in set(_REGISTRY) - before:  # nor leave half of itself registered
             del _REGISTRY[name]
             del _ORIGIN[name]
-        _FAILED[origin] = f"{exc.__class__.__name__}: {' '.join(str(exc).split())[:200]}"
+        why = describe_failure(exc, captured)
+        _FAILED[origin] = why
         warnings.warn(
-            f"task plugin {origin} failed to load and is skipped: {exc!r}", PluginWarning, stacklevel=3
+            f"task plugin {origin} failed to load and is skipped: {why}", PluginWarning, stacklevel=3
         )
     finally:
         _current_origin = previous
@@ -181,6 +368,11 @@ def load_tasks_dir(folder: str | Path) -> None:
     folder = Path(folder).resolve()
     if folder in _folders_loaded:
         return
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(
+            f"tasks folder {folder} is a file, not a folder; pass the folder that holds the plugin .py files "
+            "as --tasks-dir"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(
             f"tasks folder {folder} does not exist; create it or pass another --tasks-dir"

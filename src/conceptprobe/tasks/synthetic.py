@@ -26,10 +26,15 @@ from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask, Example
 from conceptprobe.tasks.registry import register_task
 from conceptprobe.training.data import RegressionSpec
 
+#: Most digits in a sparse_regression input (``dim`` sets the prompt length).
+MAX_DIM = 256
 
-def _check_int(name: str, value: Any, lo: int) -> int:
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < lo:
-        raise ValueError(f"`{name}` must be an integer >= {lo}; got {value!r}")
+        raise ValueError(f"`{name}` must be an integer >= {lo}; got {str(value)[:40]!r}")
+    if hi is not None and value > hi:
+        raise ValueError(f"`{name}` must be at most {hi} (it sets the prompt length); got {str(value)[:40]}")
     return int(value)
 
 
@@ -52,8 +57,8 @@ class SparseRegressionTask(ConceptTask):
                 f"task 'sparse_regression' got unknown parameter(s) {sorted(unknown)}; "
                 "its parameters are dim, n_bases, rank, overlap"
             )
-        dim, n_bases = _check_int("dim", dim, 1), _check_int("n_bases", n_bases, 1)
-        rank, overlap = _check_int("rank", rank, 1), _check_int("overlap", overlap, 0)
+        dim, n_bases = _check_int("dim", dim, 1, MAX_DIM), _check_int("n_bases", n_bases, 1, MAX_DIM)
+        rank, overlap = _check_int("rank", rank, 1, MAX_DIM), _check_int("overlap", overlap, 0, MAX_DIM)
         self.spec = RegressionSpec(dim=dim, n_bases=n_bases, rank=rank, overlap=overlap)  # validates
         super().__init__(dim=dim, n_bases=n_bases, rank=rank, overlap=overlap)
         self.concepts = (*self.spec.concepts, NULL_CONCEPT)  # type: ignore[misc]

@@ -192,9 +192,13 @@ def resolve_preset(ref: str | Path) -> Path:
 
 def load_train_config(ref: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """Read a preset (name or path), merge ``overrides`` (nested dicts merge), validate."""
+    from conceptprobe.config import MAX_YAML_BYTES, parse_yaml
+
     path = resolve_preset(ref)
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise TrainConfigError(f"{path}: larger than {MAX_YAML_BYTES >> 20} MiB; pass the YAML preset itself")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise TrainConfigError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(raw, dict):
