@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from conceptprobe.batching import plan_batches
-from conceptprobe.capture import ResidualCapture
 from conceptprobe.generation import capture_and_generate, encode, position_ids
+from conceptprobe.hooks import ResidualCapture
 from conceptprobe.models import load_model
 from conceptprobe.models.layers import base_model, logits_from_hidden
 from conceptprobe.prompts import build_prompts

@@ -807,7 +807,7 @@ def test_corrupt_shard_and_metrics_are_recomputed_alone(tiny, tmp_path, capsys, 
     def boom(*a, **k):
         raise AssertionError("a complete run loaded its model")
 
-    monkeypatch.setattr("conceptprobe.run.load_model", boom)
+    monkeypatch.setattr("conceptprobe.experiments.probe.load_model", boom)
     before = {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
     assert cli(capsys, *args)[0] == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == before
@@ -827,7 +827,7 @@ def test_corrupt_shard_and_metrics_are_recomputed_alone(tiny, tmp_path, capsys, 
 
     # a corrupt metrics file: measures are recomputed from the shards, no model loaded, no shard rewritten
     (out / "metrics.parquet").write_bytes(b"PAR1 garbage")
-    monkeypatch.setattr("conceptprobe.run.load_model", boom)
+    monkeypatch.setattr("conceptprobe.experiments.probe.load_model", boom)
     shards = {p.name: p.stat().st_mtime_ns for p in (out / "activations").iterdir()}
     code, _, err = cli(capsys, *args)
     assert code == 0, err

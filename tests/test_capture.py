@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conceptprobe.capture import ResidualCapture, resolve_layers
 from conceptprobe.generation import capture_and_generate, encode, position_ids
+from conceptprobe.hooks import ResidualCapture, resolve_layers
 from conceptprobe.models.layers import final_norm
 from helpers import FAMILIES, make_model, make_tokenizer
 

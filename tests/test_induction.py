@@ -22,6 +22,7 @@ from conceptprobe.measures.induction import (
     prefix_matching_targets,
     repeated_random_tokens,
 )
+from helpers import make_model
 
 # ------------------------------------------------------------------ a hand-wired induction circuit
 # Residual stream (d=100): E = one-hot token (dims 0-31), P = previous token (32-63), C = constant (64),
@@ -252,8 +253,75 @@ def test_heads_cli(tmp_path):
     assert data["settings"]["prefix"] == [0] and data["n_layers"] == 2 and data["n_heads"] == H
     assert (out / "prefix_matching.png").stat().st_size > 1000 and (out / "copying.png").is_file()
     metrics = pd.read_parquet(out / "metrics.parquet")
-    assert len(metrics) == 2 * 2 * H and set(metrics["metric"]) == {"prefix_matching", "copying"}
+    assert len(metrics) == 2 * 3 * H
+    assert set(metrics["metric"]) == {"prefix_matching", "copying", "copying_in_context"}
+    assert [(r["block"], r["head"]) for r in data["induction_heads"]] == [(1, IND_HEAD)]
+    assert (
+        data["induction_heads"][0]["label"] == f"L1H{IND_HEAD}"
+        and data["induction_heads"][0]["writes_layer"] == 2
+    )
     row = metrics[
         (metrics.metric == "prefix_matching") & (metrics.layer == 1) & (metrics["head"] == IND_HEAD)
     ]
     assert float(row["value"].iloc[0]) > 0.95
+
+
+# ---------------------------------------------------------------- Olsson's OV copying score
+
+
+def _brute_force_ov_score(model, layer: int, head: int) -> float:
+    """Eigenvalues of the full vocab x vocab OV circuit W_U D_f D_post W_O^h W_V^h D_in W_E^T."""
+    from conceptprobe.measures.induction import _normed_attention_output, head_shape, kv_head
+    from conceptprobe.models.layers import decoder_layers, final_norm
+
+    n_heads, n_kv, dh = head_shape(model)
+    blk = decoder_layers(model)[layer]
+    d = model.config.hidden_size
+    ones = torch.ones(1, d)
+    gain_in = blk.input_layernorm(ones)[0].double()
+    gain_f = final_norm(model)(ones)[0].double()
+    gain_post = (
+        blk.post_attention_layernorm(ones)[0].double() if _normed_attention_output(blk) else torch.ones(d)
+    )
+    w_e = model.get_input_embeddings().weight.double()
+    w_u = model.get_output_embeddings().weight.double()
+    w_v = blk.self_attn.v_proj.weight.double().view(n_kv, dh, d)[kv_head(head, n_heads, n_kv)]
+    w_o = blk.self_attn.o_proj.weight.double().view(d, n_heads, dh)[:, head]
+    m = w_u @ torch.diag(gain_f * gain_post.double()) @ w_o @ w_v @ torch.diag(gain_in) @ w_e.T
+    lam = torch.linalg.eigvals(m)
+    return float(lam.real.sum() / lam.abs().sum())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_ov_copying_equals_the_full_vocabulary_eigenvalues(family):
+    from conceptprobe.measures.induction import ov_copying_scores
+
+    model = make_model(family, vocab_size=120, layers=2)
+    with torch.no_grad():  # non-trivial norm gains, so folding them in is tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.rand_like(p) + 0.5)
+    scores = ov_copying_scores(model)
+    assert scores.shape == (2, 4)
+    for layer, head in ((0, 0), (1, 3)):
+        assert scores[layer, head].item() == pytest.approx(
+            _brute_force_ov_score(model, layer, head), abs=1e-6
+        )
+
+
+def test_ov_copying_is_plus_one_for_a_copying_head_and_minus_one_for_an_anti_copying_head():
+    from conceptprobe.measures.induction import head_shape, ov_copying_scores
+
+    model = make_model("llama", vocab_size=120, layers=1)
+    n_heads, n_kv, dh = head_shape(model)
+    attn = model.model.layers[0].self_attn
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.model.embed_tokens.weight)  # W_U = W_E: G is positive semi-definite
+        w_v = attn.v_proj.weight.view(n_kv, dh, -1)
+        w_o = attn.o_proj.weight.view(-1, n_heads, dh)
+        w_o[:, 0] = w_v[0].T  # head 0 reads kv head 0: W_O = W_V^T -> a PSD circuit
+        w_o[:, 1] = -w_v[0].T  # head 1 too, negated
+    scores = ov_copying_scores(model)
+    assert scores[0, 0].item() == pytest.approx(1.0, abs=1e-6)
+    assert scores[0, 1].item() == pytest.approx(-1.0, abs=1e-6)
+    assert -1 < scores[0, 2].item() < 1

@@ -33,7 +33,7 @@ import json, os, sys, traceback
 import torch
 torch.set_num_threads(1)
 import conceptprobe.cli as cli
-import conceptprobe.run, conceptprobe.sweep.local  # noqa: F401 - imported once, before any fork
+import conceptprobe.experiments.probe, conceptprobe.sweep.local  # noqa: F401 - imported once, before any fork
 from conceptprobe.models import load_model
 load_model(sys.argv[1])  # warms transformers' lazy imports of the model and tokenizer classes
 print("ready", flush=True)

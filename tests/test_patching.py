@@ -12,12 +12,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from conceptprobe.capture import ResidualCapture
 from conceptprobe.commands import causal_cmds
 from conceptprobe.generation import Encoded, encode, position_ids
+from conceptprobe.hooks import ResidualCapture, ResidualPatch
 from conceptprobe.interventions.patching import (
     PatchConfig,
-    ResidualPatch,
     answer_under,
     build_prompts_with_states,
     patch_vectors,
@@ -339,3 +338,22 @@ def test_mixed_batch_patches_each_row_at_its_own_layer():
                     patches[layer].arm(torch.tensor([ids.shape[1] - 1]), vec[row : row + 1])
                 alone = model(input_ids=ids).logits[:, -1]
                 torch.testing.assert_close(mixed[row], alone[0], rtol=0, atol=1e-4)
+
+
+def test_cross_concept_answers_on_a_pooled_task():
+    """A task with finite pools: the same query sentence answered under another concept."""
+    from pathlib import Path
+
+    from conceptprobe.interventions.patching import answer_under, build_prompts_with_states
+    from conceptprobe.tasks import get_task
+
+    ewt = Path(__file__).resolve().parents[2] / "shared" / "data" / "ud-english-ewt"
+    if not ewt.is_dir():
+        pytest.skip("the UD English EWT files are not in ../shared/data")
+    task = get_task("first-last-treebank", treebank=str(ewt))
+    assert task.pool("demo") is not None
+    prompts, states = build_prompts_with_states(task, "first_noun", 2, 5, 0)
+    for p, st in zip(prompts, states, strict=True):
+        assert answer_under(task, st, "first_noun", p.query) == p.answer
+        last = answer_under(task, st, "last_noun", p.query)
+        assert last != p.answer and last in p.query

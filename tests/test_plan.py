@@ -72,7 +72,7 @@ def test_parameter_counts_of_shipped_configs(ref):
 def test_refs_are_case_insensitive_and_aliases_resolve_offline():
     config, source = resolve_config("META-LLAMA/llama-3.1-8b")
     assert config.num_hidden_layers == 32 and "Llama-3.1-8B" in source
-    # packaged aliases: the counts of the GGUF-loaded models (DESIGN.md: 134.5M, 268M, 630M, 1.78B)
+    # packaged aliases: the counts of the GGUF-loaded models (134.5M, 268M, 630M, 1.78B)
     for alias, expected in [
         ("smollm2-135m", 134_515_008),
         ("gemma3-270m", 268_098_176),

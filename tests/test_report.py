@@ -1,6 +1,6 @@
 """The comparison report: collecting runs, the table vs metrics.parquet, R² statistics, HTML and Markdown.
 
-The run tree is real: ``conceptprobe.run.run`` on tiny random models of 2 families x 2 tasks x shots 1, 2
+The run tree is real: ``conceptprobe.experiments.probe.run`` on tiny random models of 2 families x 2 tasks x shots 1, 2
 (n=5 per concept), laid out as a sweep writes it. A random model answers nothing right, so the fixture then
 gives each concept a distinct ICL accuracy in ``metrics.parquet`` (the report reads nothing else for
 accuracy) so that R² is defined.
@@ -39,7 +39,7 @@ SHOTS = (1, 2)
 def run_tree() -> Path:
     """``<tmp>/sweep/tiny-<family>/<task>_<shots>shot_seed0/`` run folders (built once per test process)."""
     from conceptprobe.config import RunConfig
-    from conceptprobe.run import run
+    from conceptprobe.experiments.probe import run
 
     root = Path(tempfile.mkdtemp(prefix="cp-report-"))
     atexit.register(shutil.rmtree, root, True)
@@ -319,8 +319,8 @@ def test_cli_report_and_clear_errors(tmp_path):
 def test_pairs_table_shows_decodability_within_each_pair_beside_its_controls(tmp_path):
     """A task with concept pairs: the report's pairs table is the runs' pair rows of metrics.parquet."""
     from conceptprobe.config import RunConfig
+    from conceptprobe.experiments.probe import run
     from conceptprobe.report.render import build_report
-    from conceptprobe.run import run
 
     model_dir = run_tree().parent / "models" / "tiny-llama"
     folder = tmp_path / "sweep" / "tiny-llama" / "first-last_2shot_seed0"

@@ -295,7 +295,7 @@ def test_an_unreadable_run_json_is_rebuilt_from_its_shards(tiny, tmp_path, capsy
     def boom(*args, **kwargs):
         raise AssertionError("the model was loaded to rebuild a run whose shards are all there")
 
-    monkeypatch.setattr("conceptprobe.run.load_model", boom)
+    monkeypatch.setattr("conceptprobe.experiments.probe.load_model", boom)
     (out / "run.json").write_bytes(b"\x00\xff garbage")
     code, _, err = cli(capsys, *run_args(tiny, out))
     assert code == 0, err

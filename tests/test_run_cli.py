@@ -97,6 +97,8 @@ def test_batch_size_does_not_change_results(tiny_model_dir, tmp_path):
             str(out),
             "--batch-size",
             bs,
+            "--dtype",
+            "float32",
             "--no-progress",
         )
         frames.append(pd.read_parquet(out / "metrics.parquet"))

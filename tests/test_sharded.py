@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conceptprobe.capture import ResidualCapture
 from conceptprobe.generation import capture_and_generate, encode
+from conceptprobe.hooks import ResidualCapture
 from conceptprobe.models.load import load_model
 from helpers import make_model, make_tokenizer
 

@@ -144,7 +144,7 @@ def test_plan_expansion_labels_and_folders(tmp_path):
     assert [m.label for m in plan.config.models] == ["smollm2-135m", "gemma-2-2b", "Llama-3.1-70B-4bit", "xq"]
     first = plan.units[0]
     assert first.folder == Path("results/fam/smollm2-135m/pos_1shot_seed0")
-    assert first.config.n == 20 and first.config.batch_size == 4 and first.config.dtype == "float32"
+    assert first.config.n == 20 and first.config.batch_size == 4 and first.config.dtype == "bfloat16"
     assert first.n_prompts == 20 * len(first.concepts) == 20 * 7
     gemma = [u for u in plan.units if u.model.label == "gemma-2-2b"]
     assert {u.config.dtype for u in gemma} == {"bfloat16"} and {u.config.model for u in gemma} == {
@@ -181,7 +181,7 @@ def test_dry_run_loads_nothing(tmp_path, app, monkeypatch):
         raise AssertionError("dry run loaded a model")
 
     monkeypatch.setattr(local, "load_model", boom)
-    monkeypatch.setattr("conceptprobe.run.load_model", boom)
+    monkeypatch.setattr("conceptprobe.experiments.probe.load_model", boom)
     root = Path(__file__).resolve().parents[1] / "probes"
     out = tmp_path / "paper"
     result = sweep(app, str(root / "paper-families.yaml"), "--dry-run", "--out", str(out))

@@ -231,7 +231,7 @@ def test_unknown_concept(name: str) -> None:
 
 @pytest.mark.parametrize("width", [0, -3, 2.5, "5", True, None])
 def test_bitwise_bad_width(width: object) -> None:
-    with pytest.raises(ValueError, match=r"`width` must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"`width` must be an integer from 1 to 64"):
         BitwiseTask(width=width)  # type: ignore[arg-type]
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conceptprobe.training.data import (
+from conceptprobe.tasks.synthetic_data import (
     RegressionSpec,
     SegmentSpec,
     concept_bases,

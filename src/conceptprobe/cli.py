@@ -54,6 +54,44 @@ def _task_params(items: list[str]) -> dict[str, object]:
     return out
 
 
+def _ints(value: str | None, flag: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{flag} takes comma-separated integers, e.g. 0,-1; got {value!r}") from None
+
+
+def _print_prompt(prompt: object) -> None:
+    text = getattr(prompt, "text")  # noqa: B009
+    console.print(text + f" {getattr(prompt, 'answer')}", highlight=False, markup=False)  # noqa: B009
+
+
+def _print_preview(pre: object, cfg: object) -> None:
+    """The dry run of ``conceptprobe run``: one prompt per concept, token counts, reuse, memory plan."""
+    from rich.table import Table
+
+    prompts, tokens, reuse = pre.prompts, pre.tokens, pre.reuse  # type: ignore[attr-defined]
+    table = Table(title=f"{cfg.model} · {cfg.task} · {cfg.shots}-shot · n={cfg.n} per concept (dry run)")  # type: ignore[attr-defined]
+    for col in ("concept", "prompts", "tokens (min / mean / max)", "demo reuse", "example answer"):
+        table.add_column(col, justify="left" if col in ("concept", "example answer") else "right")
+    for concept, ps in prompts.items():
+        t = tokens[concept] if tokens else None
+        span = f"{min(t)} / {sum(t) / len(t):.0f} / {max(t)}" if t else "-"
+        table.add_row(concept, str(len(ps)), span, f"{reuse[concept]['demo_reuse_rate']:.0%}", ps[0].answer)
+    console.print(table)
+    first = next(iter(prompts))
+    console.print(f"first prompt of {first!r} (the answer after the prompt):", style="bold")
+    _print_prompt(prompts[first][0])
+    plan = pre.plan  # type: ignore[attr-defined]
+    if plan is not None:
+        console.print(f"memory plan: {plan.headline()}", highlight=False, markup=False)
+    elif pre.plan_error:  # type: ignore[attr-defined]
+        console.print(f"no memory plan: {pre.plan_error}", highlight=False, markup=False)  # type: ignore[attr-defined]
+    console.print("dry run: no weights loaded, nothing written")
+
+
 def _default_out(model: str, task: str, shots: int, seed: int) -> Path:
     name = Path(model).stem if model.endswith(".gguf") else model.replace("/", "--")
     return Path("results") / "runs" / f"{name}_{task}_{shots}shot_seed{seed}"
@@ -69,13 +107,25 @@ def run(
     shots: int | None = typer.Option(None, "--shots", "-k", help="Demonstrations per prompt [4]."),
     n: int | None = typer.Option(None, "--n", help="Prompts per concept [100]."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for prompt sampling and probe folds [0]."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [float32]."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
     max_batch_tokens: int | None = typer.Option(
         None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [1024]."
     ),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
+    positions: str | None = typer.Option(
+        None, "--positions", help="Offsets from the token before the answer, e.g. 0,-1 [0]."
+    ),
+    probe_folds: int | None = typer.Option(
+        None, "--probe-folds", help="Cross-validation folds of the probe [5]."
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub branch, tag or commit (a checkpoint)."),
+    dry_run: bool = typer.Option(
+        False,
+        "--dry-run",
+        help="Print prompts, token counts and the memory plan; load no weights, write nothing.",
+    ),
     param: list[str] | None = typer.Option(
         None,
         "--param",
@@ -115,6 +165,10 @@ def run(
         "batch_size": batch_size,
         "max_batch_tokens": max_batch_tokens,
         "knn_k": knn_k,
+        "positions": _ints(positions, "--positions"),
+        "probe_folds": probe_folds,
+        "revision": revision,
+        "tasks_dir": str(tasks_dir) if tasks_dir is not None else None,
     }
     if param:
         overrides["task_params"] = {**dict(base.get("task_params") or {}), **_task_params(param)}
@@ -124,7 +178,14 @@ def run(
                 f"{source}: no {required} given; pass --{required} or set `{required}:` in --config"
             )
     cfg = make_run_config(base, overrides, source)
-    from conceptprobe.run import run as run_job  # torch and transformers: only once the config is valid
+    if dry_run:
+        from conceptprobe.experiments.probe import preview
+
+        _print_preview(preview(cfg), cfg)
+        return
+    from conceptprobe.experiments.probe import (
+        run as run_job,  # torch and transformers: only once the config is valid
+    )
 
     folder = out or _default_out(cfg.model, cfg.task, cfg.shots, cfg.seed)
     from conceptprobe.config import path_too_long
@@ -156,10 +217,37 @@ def run(
 @app.command("tasks")
 def list_tasks(
     tasks_dir: Path | None = typer.Option(None, "--tasks-dir", help="Folder of task plugins."),
+    show: str | None = typer.Option(None, "--show", help="Print example prompts of this task, with answers."),
+    shots: int = typer.Option(2, "--shots", "-k", help="Demonstrations in the examples (--show)."),
+    param: list[str] | None = typer.Option(
+        None, "--param", "-p", help="A task parameter KEY=VALUE (--show)."
+    ),
 ) -> None:
-    """List task families, their concepts, versions and origins."""
+    """List task families, their concepts, versions and origins; --show TASK prints example prompts."""
     from conceptprobe.tasks import get_task_class, task_names
     from conceptprobe.tasks.registry import task_origin
+
+    if show is not None:
+        from conceptprobe.config import make_run_config
+        from conceptprobe.experiments.probe import preview
+
+        base = {
+            "model": "-",
+            "task": show,
+            "shots": shots,
+            "n": 2,
+            "knn_k": 1,
+            "task_params": _task_params(param or []),
+        }
+        cfg = make_run_config(base, {"tasks_dir": str(tasks_dir) if tasks_dir else None}, "--show")
+        pre = preview(cfg, model=False)
+        console.print(
+            f"{show} v{pre.task.info()['version']}: {pre.task.description}", highlight=False, markup=False
+        )
+        for concept, ps in pre.prompts.items():
+            console.print(f"--- {concept} (answer after the prompt)", style="bold", highlight=False)
+            _print_prompt(ps[0])
+        return
 
     table = Table(title="Task families")
     for col in ("name", "version", "concepts", "origin", "description"):
@@ -208,6 +296,7 @@ def list_models() -> None:
 
 def _register_groups() -> None:
     from conceptprobe.commands import (
+        capture_cmds,
         causal_cmds,
         induction_cmds,
         plan_cmds,
@@ -216,7 +305,7 @@ def _register_groups() -> None:
         train_cmds,
     )
 
-    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds, causal_cmds, train_cmds):
+    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds, causal_cmds, train_cmds, capture_cmds):
         group.register(app)
 
 

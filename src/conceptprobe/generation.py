@@ -1,7 +1,7 @@
 """Batched prefill with capture, then greedy decoding that reuses the prompt's KV cache.
 
 The prefill runs the decoder-only body (not the ``*ForCausalLM`` wrapper) so that logits are computed
-only for the rows that need them, as a contiguous 2-D tensor through the unembedding (see DESIGN.md:
+only for the rows that need them, as a contiguous 2-D tensor through the unembedding (measured:
 ``logits_to_keep=1`` is slow on torch 2.13's CPU path). Decoding steps feed one token per row with
 the cache; positions come from the attention mask, so left padding changes nothing.
 """
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from conceptprobe.capture import ResidualCapture, StopForward
+from conceptprobe.hooks import ResidualCapture, StopForward
 from conceptprobe.models.layers import base_model, logits_from_hidden
 
 

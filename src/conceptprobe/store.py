@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptprobe.config import CAPTURE_FIELDS, ConfigError, RunConfig, short
+from conceptprobe.names import SAFE_NAME
 
 if TYPE_CHECKING:  # torch, pandas and safetensors are imported where used: checking a folder needs none
     import pandas as pd
@@ -74,9 +75,6 @@ _VERSIONED = (
     "gguf",
     "tokenizers",
 )
-
-
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 
 class StoreError(RuntimeError):
@@ -371,6 +369,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def atomic_write_parquet(path: Path, frame: Any) -> None:
+    """A DataFrame as Parquet (no index), written atomically."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
     digest = hashlib.sha256()
@@ -466,7 +471,7 @@ class RunStore:
         return self.folder / "activations"
 
     def shard_path(self, concept: str) -> Path:
-        if not _SAFE_NAME.match(concept):
+        if not SAFE_NAME.match(concept):
             raise ConfigError(
                 f"concept {concept!r} cannot name a file inside {self.shard_dir}: use letters, digits and "
                 ". _ + - only"
@@ -589,7 +594,7 @@ class RunStore:
         }
         if getattr(self, "_unreadable", False) and self.shard_dir.is_dir():
             listed |= {p.stem for p in self.shard_dir.glob("*.safetensors") if _is_shard(p)}
-        files += [self.shard_dir / f"{c}.safetensors" for c in sorted(listed) if _SAFE_NAME.match(c)]
+        files += [self.shard_dir / f"{c}.safetensors" for c in sorted(listed) if SAFE_NAME.match(c)]
         return files
 
     def clear(self) -> None:

@@ -12,13 +12,13 @@ import difflib
 import json
 import math
 import mmap
-import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from conceptprobe.config import ConfigError, RunConfig, os_error_line
+from conceptprobe.names import SAFE_NAME
 
 if TYPE_CHECKING:
     from conceptprobe.prompts import Prompt
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 #: Shipped model configs (the paper's hub ids and the packaged aliases), read without importing transformers.
 CONFIG_DIR = Path(__file__).parent / "models" / "configs"
 #: Names that become file or folder names (concepts, labels): no separators, no leading dot.
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 _GGUF_MAGIC = b"GGUF"
 # GGUF metadata value types -> struct format (8 = string, 9 = array)
@@ -219,9 +218,9 @@ def check_safetensors_file(path: Path, what: str, fix: str) -> None:
 
 
 def _supported_model_types() -> dict[str, str]:
-    from conceptprobe.models.layers import _MODEL_TYPES
+    from conceptprobe.models.layers import MODEL_TYPES
 
-    return _MODEL_TYPES
+    return MODEL_TYPES
 
 
 def _supported_list() -> str:
@@ -470,7 +469,7 @@ def _check_hub(ref: str, trust_remote_code: bool, revision: str | None) -> Model
 
 def check_layers(config: RunConfig, n_layers: int, ref: str) -> list[int]:
     """The run's layer indices, or a one-line error naming the valid range."""
-    from conceptprobe.capture import resolve_layers
+    from conceptprobe.hooks import resolve_layers
 
     try:
         return resolve_layers(n_layers, config.layers)
@@ -494,6 +493,8 @@ def check_task(
 
     from conceptprobe.prompts import build_prompts
     from conceptprobe.tasks import UnknownTaskError, get_task_class
+
+    tasks_dir = tasks_dir if tasks_dir is not None else config.tasks_dir
     from conceptprobe.tasks.registry import (
         PluginTimeout,
         TimedTask,

@@ -17,7 +17,7 @@ raise concept decodability and ICL accuracy more than finetuning the *last* ones
   token (the unembedding of a 262k vocabulary over whole sequences is the memory cost otherwise).
 - Optimiser: AdamW on the LoRA parameters (fp32 even on a bf16 base model), linear warm-up over 10% of the
   steps then linear decay, gradient norm clipped at 1.
-- Evaluation: the run pipeline itself (:func:`conceptprobe.run.run`: greedy ICL accuracy, k-NN and probe
+- Evaluation: the run pipeline itself (:func:`conceptprobe.experiments.probe.run`: greedy ICL accuracy, k-NN and probe
   decodability at every layer) on the base model and on each adapted model, with the adapters active and
   unmerged (merging into bf16 weights would round small updates away). After each condition the adapters are
   unloaded, which leaves the base weights bit-identical, and saved as safetensors.
@@ -44,11 +44,12 @@ from transformers import PreTrainedTokenizerBase
 
 from conceptprobe import __version__
 from conceptprobe.config import RunConfig
-from conceptprobe.interventions.patching import progress_bar, write_results
+from conceptprobe.experiments.probe import run as run_pipeline
+from conceptprobe.interventions.patching import write_results
 from conceptprobe.models import LoadedModel, load_model
 from conceptprobe.models.layers import base_model, decoder_layers, logits_from_hidden, spec_for
+from conceptprobe.progress import progress_bar
 from conceptprobe.prompts import Prompt, PromptFormat, build_prompts
-from conceptprobe.run import run as run_pipeline
 from conceptprobe.store import git_revision, now, package_versions
 from conceptprobe.tasks import NULL_CONCEPT, get_task
 

@@ -1,6 +1,6 @@
 """Concept-vector patching: add to or replace the query's residual stream with a concept's mean representation.
 
-The intervention. :class:`ResidualPatch` hooks the same module as :class:`~conceptprobe.capture.ResidualCapture`
+The intervention. :class:`ResidualPatch` hooks the same module as :class:`~conceptprobe.hooks.ResidualCapture`
 for layer ``l`` (a forward hook on ``decoder_layers(model)[l - 1]``, or a forward pre-hook on decoder layer 0
 for ``l = 0``), so "layer" means the same thing for capture and patching, in every architecture and with
 layers on different devices (the vectors are moved to each hidden state's device and dtype). It changes one
@@ -53,13 +53,14 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from conceptprobe import __version__
-from conceptprobe.capture import ResidualCapture, resolve_layers
+from conceptprobe.experiments.probe import answer_matches
 from conceptprobe.generation import capture_and_generate, encode
+from conceptprobe.hooks import ResidualCapture, ResidualPatch, resolve_layers
 from conceptprobe.measures.decodability import decodability_peak, knn_decodability
 from conceptprobe.models import LoadedModel, load_model
 from conceptprobe.models.layers import decoder_layers
+from conceptprobe.progress import progress_bar
 from conceptprobe.prompts import Prompt, PromptFormat, build_prompts
-from conceptprobe.run import answer_matches
 from conceptprobe.store import METRIC_COLUMNS, atomic_write_text, git_revision, now, package_versions
 from conceptprobe.tasks import NULL_CONCEPT, get_task
 from conceptprobe.tasks.base import ConceptTask, Example
@@ -71,7 +72,6 @@ __all__ = [
     "CONDITIONS",
     "PatchConfig",
     "PatchResult",
-    "ResidualPatch",
     "answer_under",
     "build_prompts_with_states",
     "concept_means",
@@ -83,92 +83,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------------------------------------------
 # The intervention
-
-
-class ResidualPatch:
-    """A hook that adds to or replaces the residual stream at ``layer`` (capture's numbering), one row per prompt.
-
-    Use as a context manager; before each forward pass to patch call :meth:`arm` with the position and the
-    vector of every row. The hook patches the first forward pass after ``arm`` only (the prefill) and then
-    disarms itself; :attr:`fired` tells whether it ran.
-    """
-
-    def __init__(self, model: nn.Module, layer: int, mode: PatchMode = "replace") -> None:
-        if mode not in ("add", "replace"):
-            raise ValueError(f"mode must be 'add' or 'replace', got {mode!r}")
-        self.blocks = decoder_layers(model)
-        self.layer = resolve_layers(len(self.blocks), [layer])[0]
-        self.mode = mode
-        self.fired = False
-        self._positions: torch.Tensor | None = None
-        self._vectors: torch.Tensor | None = None
-        self._rows: torch.Tensor | None = None
-        self._handle: torch.utils.hooks.RemovableHandle | None = None
-
-    def arm(self, positions: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor | None = None) -> None:
-        """Patch row ``b`` at ``positions[b]`` with ``vectors[b]`` (``[batch]``, ``[batch, d]``) in the next pass;
-        ``rows`` (bool ``[batch]``) limits the patch to some rows, leaving the others untouched."""
-        if positions.dim() != 1 or vectors.dim() != 2 or vectors.shape[0] != positions.shape[0]:
-            raise ValueError(
-                f"positions must be [batch] and vectors [batch, d]; got {tuple(positions.shape)} and "
-                f"{tuple(vectors.shape)}"
-            )
-        if rows is not None and rows.shape != positions.shape:
-            raise ValueError(f"rows must be a bool mask of shape {tuple(positions.shape)}")
-        self._positions = positions.long()
-        self._vectors = vectors
-        self._rows = None if rows is None else rows.bool()
-        self.fired = False
-
-    def disarm(self) -> None:
-        self._positions = self._vectors = self._rows = None
-
-    def _apply(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        if self._positions is None or self._vectors is None:
-            return None
-        if hidden.shape[0] != self._positions.shape[0]:
-            raise RuntimeError(
-                f"patch armed for a batch of {self._positions.shape[0]} rows, got {hidden.shape[0]}"
-            )
-        every = self._rows is None
-        rows = torch.arange(hidden.shape[0]) if every else self._rows.nonzero().flatten()  # type: ignore[union-attr]
-        pos = self._positions[rows].to(hidden.device)
-        vec = self._vectors[rows].to(hidden.device, hidden.dtype)
-        rows = rows.to(hidden.device)
-        out = hidden.clone()
-        out[rows, pos] = out[rows, pos] + vec if self.mode == "add" else vec
-        self.disarm()
-        self.fired = True
-        return out
-
-    def _post_hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        hidden = output[0] if isinstance(output, tuple) else output
-        new = self._apply(hidden)
-        if new is None:
-            return None
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        new = self._apply(hidden)
-        if new is None:
-            return None
-        if args:
-            return (new, *args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": new}
-
-    def __enter__(self) -> ResidualPatch:
-        if self.layer == 0:
-            self._handle = self.blocks[0].register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        else:
-            self._handle = self.blocks[self.layer - 1].register_forward_hook(self._post_hook)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self.disarm()
 
 
 def patched_generate(
@@ -194,7 +108,8 @@ def patched_generate(
 
 
 class _RecordingTask:
-    """Wraps a task; records the generator state before every ``sample`` call."""
+    """Wraps a task; records how every example was drawn (the generator state, and the pool item for a task
+    with finite pools), so the same input can be redrawn under another concept."""
 
     def __init__(self, task: ConceptTask) -> None:
         self._task = task
@@ -206,14 +121,20 @@ class _RecordingTask:
     def sample(self, concept: str, rng: np.random.Generator) -> Example:
         state = copy.deepcopy(rng.bit_generator.state)
         ex = self._task.sample(concept, rng)
-        self.calls.append((state, ex))
+        self.calls.append(({"rng": state}, ex))
+        return ex
+
+    def from_pool(self, item: Any, concept: str, rng: np.random.Generator) -> Example:
+        state = copy.deepcopy(rng.bit_generator.state)
+        ex = self._task.from_pool(item, concept, rng)
+        self.calls.append(({"rng": state, "item": item}, ex))
         return ex
 
 
 def build_prompts_with_states(
     task: ConceptTask, concept: str, shots: int, n: int, seed: int, fmt: PromptFormat | None = None
 ) -> tuple[list[Prompt], list[dict[str, Any]]]:
-    """``build_prompts`` (identical prompts) plus the generator state that drew each prompt's query."""
+    """``build_prompts`` (identical prompts) plus how each prompt's query was drawn."""
     rec = _RecordingTask(task)
     prompts = build_prompts(rec, concept, shots, n, seed, fmt)  # type: ignore[arg-type]
     states, k = [], 0
@@ -226,10 +147,11 @@ def build_prompts_with_states(
 
 
 def answer_under(task: ConceptTask, state: dict[str, Any], concept: str, query: str) -> str:
-    """The answer of ``concept`` on the query drawn from generator ``state`` (the input must not change)."""
-    rng = np.random.Generator(getattr(np.random, state["bit_generator"])())
-    rng.bit_generator.state = state
-    ex = task.sample(concept, rng)
+    """The answer of ``concept`` on the query drawn as ``state`` records (the input must not change)."""
+    rng_state = state["rng"]
+    rng = np.random.Generator(getattr(np.random, rng_state["bit_generator"])())
+    rng.bit_generator.state = rng_state
+    ex = task.from_pool(state["item"], concept, rng) if "item" in state else task.sample(concept, rng)
     if ex.input != query:
         raise ValueError(
             f"task {task.name!r} draws a different input under concept {concept!r} from the same random state "
@@ -357,20 +279,6 @@ def resolve_patch_layers(spec: str | list[int], n_layers: int, peak: int) -> lis
     if spec == "all":
         return list(range(n_layers + 1))
     return resolve_layers(n_layers, list(spec))  # type: ignore[arg-type]
-
-
-def progress_bar(console: Console, enabled: bool) -> Any:
-    """A rich progress bar (description, bar, done/total, elapsed)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
-    )
 
 
 def run_patching(
@@ -639,7 +547,6 @@ def write_results(
     per_seed: pd.DataFrame | None = None,
 ) -> None:
     """``metrics.parquet`` (METRIC_COLUMNS + condition first), ``run.json``, ``predictions.jsonl``, atomically."""
-    import os
 
     folder.mkdir(parents=True, exist_ok=True)
     missing = [c for c in METRIC_COLUMNS + ["condition"] if c not in metrics.columns]
@@ -648,9 +555,9 @@ def write_results(
     for name, frame in (("metrics.parquet", metrics), ("per_seed.parquet", per_seed)):
         if frame is None:
             continue
-        tmp = folder / f".{name}.tmp{os.getpid()}"
-        _ordered(frame).to_parquet(tmp, index=False)
-        os.replace(tmp, folder / name)
+        from conceptprobe.store import atomic_write_parquet
+
+        atomic_write_parquet(folder / name, _ordered(frame))
     if predictions is not None:
         text = "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in predictions)
         atomic_write_text(folder / "predictions.jsonl", text)

@@ -4,7 +4,7 @@ Both measures take a stack of representations ``X`` of shape ``[n_layers, n, d]`
 layer; numpy or torch, any float dtype) and ``n`` concept labels, and return per-layer accuracies, overall
 and per concept (recall). Classes are listed in order of first appearance.
 
-Scaling. Raw residual-stream distances are dominated by a few high-variance dimensions (DESIGN.md), so both
+Scaling. Raw residual-stream distances are dominated by a few high-variance dimensions, so both
 measures z-score every feature by default: for k-NN per layer over all ``n`` points (unsupervised, uses no
 labels), for the probe per training fold (fitted on the training rows only, as ``StandardScaler`` in a
 scikit-learn pipeline). ``standardize=False`` gives the raw-feature versions.

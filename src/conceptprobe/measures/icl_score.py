@@ -26,6 +26,7 @@ from torch import nn
 
 from conceptprobe.corpus import CorpusError, Document
 from conceptprobe.models.layers import base_model, logits_from_hidden
+from conceptprobe.progress import progress_bar
 
 LATE, EARLY, N_TOKENS = 500, 50, 512
 CHARS_PER_TOKEN_FILTER = 6  # documents shorter than this many characters per needed token are skipped
@@ -69,7 +70,7 @@ def icl_score(
 
     The interval is the percentile bootstrap over contexts (``n_boot`` resamples, seeded). ``window > 0``
     replaces each single-token loss by the context's mean loss over tokens ``t - window .. t + window``
-    (a lower-variance variant; ``window=0`` is Olsson's definition).
+    that have one (a lower-variance variant; ``window=0`` is Olsson's definition).
     """
     arr = np.asarray(losses.float().numpy() if isinstance(losses, torch.Tensor) else losses, dtype=np.float64)
     if arr.ndim != 2:
@@ -84,7 +85,15 @@ def icl_score(
         )
 
     def at(t: int) -> np.ndarray:
-        return arr[:, t - 1 - window : t + window].mean(axis=1)
+        if not window:
+            return arr[:, t - 1]
+        block = arr[:, t - 1 - window : t + window]  # the first token may have no loss (no BOS): skip it
+        with np.errstate(invalid="ignore"):
+            return np.where(
+                np.isfinite(block).any(axis=1),
+                np.nanmean(np.where(np.isfinite(block), block, np.nan), axis=1),
+                np.nan,
+            )
 
     at_late, at_early = at(late), at(early)
     diff = at_late - at_early
@@ -266,19 +275,9 @@ def per_token_losses(
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0]
     chunk = rows_per_chunk or max(32, 2**26 // vocab)
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("per-token loss"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} contexts"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not progress,
-        transient=True,
-    )
+    bar = progress_bar(None, progress, unit="contexts", transient=True)
     with bar:
-        task = bar.add_task("loss", total=n_ctx)
+        task = bar.add_task("per-token loss", total=n_ctx)
         for b in range(0, n_ctx, batch_size):
             ids = input_ids[b : b + batch_size].to(device)
             hidden = body(

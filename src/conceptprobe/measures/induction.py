@@ -267,6 +267,81 @@ def copying_scores(
     return scores
 
 
+def _gain(norm: nn.Module | None, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-dimension gain of a norm module (RMSNorm: its output on a vector of RMS 1; LayerNorm: its
+    weight); ones for no norm. The per-row rescaling a norm also does is a positive factor, which leaves
+    the copying score unchanged."""
+    ones = torch.ones(width, dtype=torch.float32, device=like.device)
+    if norm is None:
+        return ones
+    if isinstance(norm, nn.LayerNorm):
+        return ones if norm.weight is None else norm.weight.detach().float()
+    return norm(torch.ones(1, width, dtype=like.dtype, device=like.device))[0].detach().float()
+
+
+@torch.inference_mode()
+def embedding_unembedding(model: nn.Module, chunk: int = 32768) -> torch.Tensor:
+    """``G = W_E^T W_U`` ``[d, d]`` (float64): the token embedding meeting the unembedding, over the whole
+    vocabulary (the rows both matrices have), accumulated in chunks."""
+    w_e = model.get_input_embeddings().weight
+    w_u = model.get_output_embeddings().weight
+    n = min(w_e.shape[0], w_u.shape[0])
+    g = torch.zeros(w_e.shape[1], w_u.shape[1], dtype=torch.float64, device=w_e.device)
+    for i in range(0, n, chunk):
+        g += w_e[i : i + chunk].double().T @ w_u[i : i + chunk].double()
+    return g
+
+
+@torch.inference_mode()
+def ov_copying_scores(model: nn.Module) -> torch.Tensor:
+    """Olsson et al.'s copying score of every head ``[L, H]``, from the weights alone.
+
+    The OV circuit of head h in layer l maps a token to logits through the embedding, the layer's input
+    norm, the head's value and output projections, the post-attention norm where the block applies one
+    to the attention output, the final norm and the unembedding (Elhage et al. 2021, "A Mathematical
+    Framework for Transformer Circuits"):
+
+        M_h = W_U  D_f D_post  W_O^h  W_V^h  D_in  W_E^T          (vocab x vocab)
+
+    with the norms folded in as their per-dimension gains D. A head copies when M_h has mostly positive
+    eigenvalues; the score is ``sum_i Re(lambda_i) / sum_i |lambda_i|`` in [-1, 1] (Olsson et al. 2022,
+    "In-context Learning and Induction Heads", the copying summary; TransformerLens's OV-circuit eigenvalue
+    check). Since ``eig(AB)`` and ``eig(BA)`` share their non-zero values, the eigenvalues are computed on the
+    ``d_head x d_head`` matrix ``W_V^h D_in (W_E^T W_U) D_f D_post W_O^h`` over the full vocabulary, exactly.
+    Gemma's embedding scale and logit soft-capping are positive monotone factors and are left out.
+    """
+    layers = decoder_layers(model)
+    n_heads, n_kv, head_dim = head_shape(model)
+    g = embedding_unembedding(model)
+    w = model.get_output_embeddings().weight
+    d = g.shape[0]
+    g_final = _gain(final_norm(model), d, w).double()
+    scores = torch.zeros(len(layers), n_heads)
+    for li, layer in enumerate(layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is None or not hasattr(attn, "v_proj") or not hasattr(attn, "o_proj"):
+            raise NotImplementedError(
+                f"the OV copying score needs separate v_proj/o_proj projections; {type(layer).__name__} has none"
+            )
+        g_in = _gain(getattr(layer, "input_layernorm", None), d, w).double()
+        g_post = (
+            _gain(layer.post_attention_layernorm, d, w).double()
+            if _normed_attention_output(layer)
+            else torch.ones(d, dtype=torch.float64, device=g.device)
+        )
+        inner = g_in[:, None] * g * (g_final * g_post)[None, :]  # D_in G D_f D_post
+        w_v = attn.v_proj.weight.double().view(n_kv, head_dim, -1)  # [kv, dh, d]
+        if hasattr(attn, "v_norm"):
+            w_v = w_v * _gain(attn.v_norm, head_dim, w).double()[None, :, None]
+        w_o = attn.o_proj.weight.double().view(-1, n_heads, head_dim)  # [d, H, dh]
+        for h in range(n_heads):
+            a = w_v[kv_head(h, n_heads, n_kv)] @ inner @ w_o[:, h]  # [dh, dh]
+            lam = torch.linalg.eigvals(a)
+            total = lam.abs().sum()
+            scores[li, h] = float(lam.real.sum() / total) if total > 0 else 0.0
+    return scores
+
+
 @dataclass
 class HeadScores:
     """Per-layer, per-head scores and how they were measured."""
@@ -356,7 +431,7 @@ def plot_heatmap(
     cmap: str = "viridis",
     marks: list[tuple[int, int]] | None = None,
 ) -> None:
-    """A layer x head heatmap (layers on the y axis, 0 at the top), optional marked cells."""
+    """A block x head heatmap (decoder blocks on the y axis, 0 at the top), optional marked cells."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -369,7 +444,7 @@ def plot_heatmap(
     for layer, head in marks or []:
         ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, ec="red", lw=1.2))
     ax.set_xlabel("head")
-    ax.set_ylabel("layer")
+    ax.set_ylabel("decoder block b (reads layer b, writes layer b+1)")
     ax.set_xticks(range(n_heads))
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
     ax.set_title(title, fontsize=9)

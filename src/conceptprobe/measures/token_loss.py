@@ -17,7 +17,6 @@ the same text (``same_tokens`` records which).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,16 +46,16 @@ def write_token_losses(
     folder: str | Path, losses: torch.Tensor, input_ids: torch.Tensor, n_prefix: int, doc_ids: Sequence[str]
 ) -> Path:
     """Write ``token_losses.safetensors`` atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from conceptprobe.store import atomic_write_bytes
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOSS_FILE
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     meta = {"n_prefix": str(n_prefix), "doc_ids": json.dumps(list(doc_ids))}
     tensors = {"losses": losses.float().contiguous(), "input_ids": input_ids.long().contiguous()}
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 
 

@@ -42,7 +42,7 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     ),
 }
 
-_MODEL_TYPES: dict[str, str] = {
+MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "mixtral": "MixtralForCausalLM",
@@ -74,8 +74,8 @@ def architecture_name(model: nn.Module) -> str:
         if arch in ARCHITECTURES:
             return arch
     model_type = getattr(config, "model_type", None)
-    if model_type in _MODEL_TYPES:
-        return _MODEL_TYPES[model_type]
+    if model_type in MODEL_TYPES:
+        return MODEL_TYPES[model_type]
     raise UnsupportedArchitectureError(
         f"architecture {name} (model_type={model_type!r}) is not supported; supported: {', '.join(SUPPORTED)}. "
         "Add an entry to conceptprobe.models.layers.ARCHITECTURES naming where its decoder layers live."

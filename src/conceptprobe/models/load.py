@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from conceptprobe.models.errors import ModelLoadError
 from conceptprobe.models.layers import architecture_name, decoder_layers
 from conceptprobe.models.packaged import PACKAGED, cache_dir, gguf_path, gguf_sha256
 from conceptprobe.store import sha256_of
@@ -28,10 +29,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _CACHE_FORMAT = "1"
-
-
-class ModelLoadError(RuntimeError):
-    """A model reference could not be resolved or loaded; the message says what to do."""
 
 
 @dataclass
@@ -271,14 +268,14 @@ def load_model(
         alias = ref
         spec = PACKAGED[ref]
         path = gguf_path(spec)
-        sha = gguf_sha256(spec) if spec.chunks else _cached_sha(path)
+        sha = gguf_sha256(spec) if spec.chunks else cached_sha256(path)
         model, tok = _load_gguf(path, sha, torch_dtype, use_cache, on_tokenizer, ref, **kwargs)
         source, file = "packaged", str(path)
     elif ref.endswith(".gguf"):
         path = Path(ref).expanduser()
         if not path.is_file():
             raise ModelLoadError(f"GGUF file {ref} does not exist; check the path")
-        sha = _cached_sha(path)
+        sha = cached_sha256(path)
         model, tok = _load_gguf(path.resolve(), sha, torch_dtype, use_cache, on_tokenizer, ref, **kwargs)
         source, file = "gguf", str(path.resolve())
     elif Path(ref).expanduser().is_dir():
@@ -341,7 +338,7 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tok, info=info)
 
 
-def _cached_sha(path: Path) -> str:
+def cached_sha256(path: Path) -> str:
     """sha256 of a file, memoised next to the cache by (path, size, mtime)."""
     stat = path.stat()
     key = f"{path.resolve()}|{stat.st_size}|{int(stat.st_mtime)}"

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from conceptprobe.models.load import ModelLoadError
+from conceptprobe.models.errors import ModelLoadError
 
 QUANTIZE_CHOICES = ("4bit", "8bit")
 _ALIASES = {

@@ -15,6 +15,8 @@ from typing import Any
 
 import pandas as pd
 
+from conceptprobe.results import kind_of
+
 #: The metrics.parquet columns the report reads (see conceptprobe.store.METRIC_COLUMNS; not imported: torch).
 REQUIRED_COLUMNS = (
     "model",
@@ -98,10 +100,10 @@ def find_run_folders(path: str | Path) -> list[Path]:
         raise ReportError(f"{p} does not exist; pass run folders or folders that contain them")
     if p.is_file():
         if p.name == "run.json":
-            return [] if _kind(p.parent) in INTERVENTION_KINDS else [p.parent]
+            return [] if kind_of(p.parent) in INTERVENTION_KINDS else [p.parent]
         raise ReportError(f"{p} is a file; pass a run folder (with run.json) or a folder that contains runs")
     if (p / "run.json").is_file():
-        return [] if _kind(p) in INTERVENTION_KINDS else [p]
+        return [] if kind_of(p) in INTERVENTION_KINDS else [p]
     return sorted(
         f.parent
         for f in p.rglob("run.json")
@@ -113,19 +115,11 @@ def find_run_folders(path: str | Path) -> list[Path]:
 INTERVENTION_KINDS = ("patch", "finetune")
 
 
-def _kind(folder: Path) -> str | None:
-    try:
-        record = json.loads((folder / "run.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record.get("kind") if isinstance(record, dict) else None
-
-
 def _in_intervention(folder: Path) -> bool:
     """A patching or finetuning folder, or a run inside a finetuning folder (its per-condition evaluation):
     found under a path these are not probe runs of their own."""
-    return _kind(folder) in INTERVENTION_KINDS or (
-        (folder.parent / "run.json").is_file() and _kind(folder.parent) == "finetune"
+    return kind_of(folder) in INTERVENTION_KINDS or (
+        (folder.parent / "run.json").is_file() and kind_of(folder.parent) == "finetune"
     )
 
 
@@ -149,7 +143,7 @@ def _sweep_labels(folder: Path, stop: Path) -> tuple[dict[str, Any] | None, dict
     return None, None
 
 
-def _model_label(model: dict[str, Any]) -> str:
+def model_label(model: dict[str, Any]) -> str:
     if model.get("alias"):
         return str(model["alias"])
     ref = str(model.get("ref", "model")).rstrip("/")
@@ -168,12 +162,16 @@ def _load_one(
     folder: Path, root: Path, skipped: list[str]
 ) -> tuple[RunInfo, pd.DataFrame, dict | None] | None:
     try:
-        record = json.loads((folder / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        skipped.append(f"{folder}: run.json unreadable ({exc})")
+        record = json.loads((folder / "run.json").read_bytes())
+    except (OSError, ValueError) as exc:  # ValueError: not JSON, or not UTF-8 text
+        why = "not valid JSON" if isinstance(exc, ValueError) else exc.__class__.__name__
+        skipped.append(f"{folder}: run.json unreadable ({why}); rerun that run to rebuild it")
         return None
     if not isinstance(record, dict) or not {"config", "model", "task"} <= record.keys():
         skipped.append(f"{folder}: run.json is not a concept run (no config/model/task)")
+        return None
+    if not all(isinstance(record[k], dict) for k in ("config", "model", "task")):
+        skipped.append(f"{folder}: run.json is not a concept run (config/model/task are not objects)")
         return None
     if record.get("status") != "complete":
         skipped.append(f"{folder}: status {record.get('status')!r}, not complete (rerun it to finish)")
@@ -181,27 +179,40 @@ def _load_one(
     if not (folder / "metrics.parquet").is_file():
         skipped.append(f"{folder}: no metrics.parquet")
         return None
-    metrics = pd.read_parquet(folder / "metrics.parquet")
+    try:
+        metrics = pd.read_parquet(folder / "metrics.parquet")
+    except Exception as exc:  # noqa: BLE001 - a corrupt file skips this run, never the report
+        skipped.append(f"{folder}: metrics.parquet unreadable ({exc.__class__.__name__}); rerun that run")
+        return None
     missing = [c for c in REQUIRED_COLUMNS if c not in metrics.columns]
     if missing:
         skipped.append(f"{folder}: metrics.parquet lacks columns {missing}")
         return None
     config, model, task = record["config"], record["model"], record["task"]
-    sweep, unit = _sweep_labels(folder, root)
-    positions = config.get("positions") or [0]
-    info = RunInfo(
-        run_id=-1,
-        folder=folder,
-        record=record,
-        model=str((unit or {}).get("model") or _model_label(model)),
-        task=str((unit or {}).get("task_label") or _task_label(task, config)),
-        shots=int(config.get("shots", metrics["shots"].iloc[0])),
-        seed=int(config.get("seed", metrics["seed"].iloc[0])),
-        n=int(config.get("n", 0)),
-        n_layers=int(model["n_layers"]),
-        position=int(positions[0]),
-        concepts=list(task.get("concepts") or sorted(set(metrics["concept"]) - {"all"})),
-    )
+    try:
+        sweep, unit = _sweep_labels(folder, root)
+    except (OSError, ValueError, AttributeError, TypeError):  # a corrupt sweep.json: the run's own labels
+        sweep, unit = None, None
+        skipped.append(f"{folder}: the sweep.json above it is unreadable; labels taken from the run itself")
+    try:
+        positions = config.get("positions") or [0]
+        info = RunInfo(
+            run_id=-1,
+            folder=folder,
+            record=record,
+            model=str((unit or {}).get("model") or model_label(model)),
+            task=str((unit or {}).get("task_label") or _task_label(task, config)),
+            shots=int(config.get("shots", metrics["shots"].iloc[0])),
+            seed=int(config.get("seed", metrics["seed"].iloc[0])),
+            n=int(config.get("n", 0)),
+            n_layers=int(model["n_layers"]),
+            position=int(positions[0]),
+            concepts=list(task.get("concepts") or sorted(set(metrics["concept"]) - {"all"})),
+        )
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
+        why = exc.__class__.__name__
+        skipped.append(f"{folder}: run.json is not a readable run record ({why}); rerun that run")
+        return None
     return info, metrics, sweep
 
 

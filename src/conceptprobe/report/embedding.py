@@ -1,7 +1,7 @@
 """UMAP of the residual stream at one layer, coloured by concept (the paper's Fig. 3).
 
 Features are z-scored per dimension over all points of the panel first (raw residual-stream distances
-are dominated by a few high-variance dimensions; see DESIGN.md), then embedded with umap-learn
+are dominated by a few high-variance dimensions), then embedded with umap-learn
 (``n_neighbors=15``, ``min_dist=0.1``, euclidean, ``random_state`` fixed, which makes it single-threaded
 and reproducible). Embeddings are cached on disk, keyed by the shard files and the parameters, so a
 report re-rendered from the same runs does not recompute them.
@@ -10,17 +10,16 @@ report re-rendered from the same runs does not recompute them.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 
+from conceptprobe.measures.embedding import MIN_DIST, N_NEIGHBORS, umap_2d
 from conceptprobe.report.collect import RunInfo
-
-N_NEIGHBORS = 15
-MIN_DIST = 0.1
+from conceptprobe.store import atomic_write_bytes
 
 
 def cache_dir() -> Path:
@@ -51,31 +50,6 @@ def load_layer(run: RunInfo, layer: int) -> tuple[np.ndarray, np.ndarray] | None
         xs.append(x)
         labels += [concept] * x.shape[0]
     return np.concatenate(xs), np.array(labels)
-
-
-def standardize(x: np.ndarray) -> np.ndarray:
-    """Z-score every feature over the rows (constant features become 0)."""
-    mu = x.mean(axis=0, keepdims=True)
-    sd = x.std(axis=0, keepdims=True)
-    return (x - mu) / np.where(sd > 1e-12, sd, 1.0)
-
-
-def umap_2d(
-    x: np.ndarray, seed: int = 0, n_neighbors: int = N_NEIGHBORS, min_dist: float = MIN_DIST
-) -> np.ndarray:
-    """A 2-D UMAP of the standardised rows of ``x`` (n_neighbors capped at n - 1 for tiny inputs)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import umap
-
-        reducer = umap.UMAP(
-            n_neighbors=min(n_neighbors, x.shape[0] - 1),
-            min_dist=min_dist,
-            n_components=2,
-            metric="euclidean",
-            random_state=seed,
-        )
-        return np.asarray(reducer.fit_transform(standardize(x)), dtype=np.float32)
 
 
 def _key(run: RunInfo, layer: int, seed: int) -> str:
@@ -110,9 +84,9 @@ def run_embedding(
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-            np.savez(tmp, embedding=emb, labels=labels)
-            os.replace(tmp, path)
+            buf = io.BytesIO()
+            np.savez(buf, embedding=emb, labels=labels)
+            atomic_write_bytes(path, buf.getvalue())
         except OSError:
             pass  # a cache that cannot be written only costs time
     return emb, labels

@@ -19,6 +19,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from conceptprobe.plotting import STYLE, legend_top  # noqa: E402
 from conceptprobe.report.extras import (  # noqa: E402
     HeadsResult,
     IclResult,
@@ -27,7 +28,6 @@ from conceptprobe.report.extras import (  # noqa: E402
     finetune_conditions,
     finetune_ref_layer,
 )
-from conceptprobe.report.figures import _STYLE, _legend_top  # noqa: E402
 
 _GREY = "#9a9a9a"
 
@@ -65,7 +65,7 @@ def condition_color(condition: str) -> object:
 def icl_loss_curves(icls: Sequence[IclResult], colors: dict[str, tuple]) -> Figure:
     """Mean loss per token index (log axis), every model overlaid: the per-token mean (thin), its
     log-binned mean (thick, dots) and a band of ± 1 s.e.m.; dotted verticals at the scored tokens."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.6, 3.9))
         tops: list[float] = []
         marks: set[tuple[int, int]] = set()
@@ -100,7 +100,7 @@ def icl_loss_curves(icls: Sequence[IclResult], colors: dict[str, tuple]) -> Figu
         handles = [Line2D([], [], color=colors[r.model], lw=2, marker="o", ms=3.5) for r in icls]
         labels = [f"{r.model} (ICL score {float(r.data['score']):+.3f})" for r in icls]
         fig.tight_layout()
-        _legend_top(fig, handles, labels, ncol=min(len(labels), 3))
+        legend_top(fig, handles, labels, ncol=min(len(labels), 3))
         return fig
 
 
@@ -108,7 +108,7 @@ def prefix_matching_grid(heads: Sequence[HeadsResult]) -> Figure:
     """Prefix-matching score per layer (y, 0 at the top) and head (x), a panel per model; panels share
     their height, so rows line up by relative depth; boxes mark heads at or above each run's threshold."""
     widths = [max(2.3, 0.2 * r.prefix_matching.shape[1] + 0.7) for r in heads]
-    with plt.rc_context({**_STYLE, "axes.grid": False}):
+    with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(
             1,
             len(heads),
@@ -142,7 +142,7 @@ def token_loss_pca(result: PcaResult, colors: dict[str, tuple]) -> Figure:
     d = result.data
     coords = np.asarray(d["coords"], dtype=float)
     evr = list(d.get("explained_variance_ratio") or [])
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(5.2, 3.4 if coords.shape[1] > 1 else 1.9))
         ys = coords[:, 1] if coords.shape[1] > 1 else np.zeros(len(coords))
         if coords.shape[1] > 1 and d.get("trajectory"):
@@ -191,7 +191,7 @@ def heatmap_grid(
     annotate = max_rows <= 12 and max_cols <= 12
     cw = 0.62 if annotate else 0.32
     rh = 0.5 if annotate else 0.2
-    with plt.rc_context({**_STYLE, "axes.grid": False}):
+    with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(
             nrow,
             ncol,
@@ -238,7 +238,7 @@ def finetune_curves(
 ) -> Figure:
     """Overall k-NN decodability per layer for each finetuning condition: a row per task, a column per
     model; dotted: the base model's peak layer (the table's reference layer)."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         size = (3.3 * len(models) + 0.4, 2.5 * len(tasks) + 0.4)
         fig, axes = plt.subplots(len(tasks), len(models), figsize=size, squeeze=False, sharey=True)
         for i, task in enumerate(tasks):

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from conceptprobe.report import extra_figures as XF
+import conceptprobe.report.extra_figures as XF
+from conceptprobe.plotting import to_png
 from conceptprobe.report.extras import (
     PATCH_CONDITIONS,
     Extras,
@@ -27,7 +28,7 @@ from conceptprobe.report.extras import (
     patch_layers,
     patch_value,
 )
-from conceptprobe.report.figures import to_png
+from conceptprobe.report.text import fmt_params
 
 SECTION_TITLES = {
     "icl": "In-context learning score and induction heads",
@@ -138,12 +139,6 @@ def _same(values: list[Any]) -> Any:
     return values[0] if values and all(v == values[0] for v in values) else None
 
 
-def _fmt_params(n: float) -> str:
-    from conceptprobe.report.render import fmt_params  # lazily: render imports this module
-
-    return fmt_params(n)
-
-
 # ------------------------------------------------------------------------------------------------------------
 # ICL score and induction heads
 
@@ -179,7 +174,7 @@ def _icl_section(ex: Extras, colors: dict[str, tuple]) -> ExtraSection:
             n_params = (r or h).n_params  # type: ignore[union-attr]
             row = {
                 "model": _model_cell(m, colors),
-                "n_params": Cell(_fmt_params(n_params), float(n_params)),
+                "n_params": Cell(fmt_params(n_params), float(n_params)),
                 "icl_score": _ci(r.data) if r else Cell("–"),
                 "icl_window": _ci(r.windowed) if r else Cell("–"),
                 "loss_early": _num(r.data.get("mean_loss_early")) if r else Cell("–"),
@@ -553,7 +548,7 @@ def extra_facts(ex: Extras) -> list[tuple[str, str]]:
             gits.add(g["commit"][:10] + (" (dirty)" if g.get("dirty") else ""))
     facts = [("results", ex.summary())]
     if sizes:
-        facts.append(("models", ", ".join(f"{m} ({_fmt_params(sizes[m])})" for m in ex.models())))
+        facts.append(("models", ", ".join(f"{m} ({fmt_params(sizes[m])})" for m in ex.models())))
     tasks = sorted({r.task for r in [*ex.patch, *ex.finetune]})
     if tasks:
         facts.append(("causal-test tasks", ", ".join(tasks)))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from conceptprobe.report.collect import INTERVENTION_KINDS, ReportError, _model_label, find_run_folders
+from conceptprobe.report.collect import INTERVENTION_KINDS, ReportError, find_run_folders, model_label
 
 ICL_FILE, HEADS_FILE, PCA_FILE = "icl.json", "heads.json", "token_loss_pca.json"
 MARKERS = (ICL_FILE, HEADS_FILE, PCA_FILE, "run.json")
@@ -200,7 +200,7 @@ def _load_intervention(folder: Path, record: dict[str, Any], skipped: list[str])
     return InterventionResult(
         folder=folder,
         kind=str(record["kind"]),
-        model=_model_label(model),
+        model=model_label(model),
         n_params=int(model.get("n_params") or 0),
         task=str(task.get("name") or record.get("config", {}).get("task")),
         record=record,
@@ -238,14 +238,14 @@ def find_extras(paths: list[str | Path] | tuple[str | Path, ...]) -> Extras:
                     ex.skipped.append(f"{marker}: not an icl-score result")
                     continue
                 model = data.get("model") or {}
-                ex.icl.append(IclResult(folder, _model_label(model), int(model.get("n_params") or 0), data))
+                ex.icl.append(IclResult(folder, model_label(model), int(model.get("n_params") or 0), data))
             elif marker.name == HEADS_FILE:
                 if data.get("measure") != "induction_heads" or "prefix_matching" not in data:
                     ex.skipped.append(f"{marker}: not a heads result")
                     continue
                 model = data.get("model") or {}
                 ex.heads.append(
-                    HeadsResult(folder, _model_label(model), int(model.get("n_params") or 0), data)
+                    HeadsResult(folder, model_label(model), int(model.get("n_params") or 0), data)
                 )
             elif marker.name == PCA_FILE:
                 if not {"labels", "coords", "explained_variance_ratio"} <= data.keys():

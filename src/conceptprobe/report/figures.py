@@ -6,7 +6,6 @@ always grey), the same in every figure.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import matplotlib
@@ -20,78 +19,16 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from conceptprobe.plotting import (  # noqa: E402
+    LAYER_AXIS,
+    MARKERS,
+    NULL_BAND,
+    STYLE,
+    SURFACE,
+    TAB10,
+    legend_top,
+)
 from conceptprobe.report.stats import NULL_CONCEPT, Fit  # noqa: E402
-
-_TAB10 = [plt.get_cmap("tab10")(i) for i in range(10)]
-_CONCEPT_BASE = [_TAB10[i] for i in (0, 1, 2, 3, 4, 5, 6, 8, 9)]
-_NULL_GREY = "#9a9a9a"
-_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-DPI = 110
-
-_STYLE = {
-    "font.size": 9,
-    "axes.titlesize": 9.5,
-    "axes.labelsize": 9,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": True,
-    "grid.alpha": 0.25,
-    "grid.linewidth": 0.6,
-    "legend.frameon": False,
-    "figure.facecolor": "white",
-}
-
-
-def model_colors(models: Sequence[str]) -> dict[str, tuple]:
-    """A colour per model label, in the given order (tab10, then tab20)."""
-    cmap = _TAB10 if len(models) <= 10 else [plt.get_cmap("tab20")(i % 20) for i in range(len(models))]
-    return {m: cmap[i % len(cmap)] for i, m in enumerate(models)}
-
-
-def concept_colors(concepts: Sequence[str]) -> dict[str, object]:
-    """A colour per concept in task order; ``null`` grey."""
-    real = [c for c in concepts if c != NULL_CONCEPT]
-    base = _CONCEPT_BASE if len(real) <= len(_CONCEPT_BASE) else [plt.get_cmap("tab20")(i) for i in range(20)]
-    out: dict[str, object] = {c: base[i % len(base)] for i, c in enumerate(real)}
-    out[NULL_CONCEPT] = _NULL_GREY
-    return out
-
-
-LAYER_AXIS = "layer (residual stream; 0 = embeddings, i = output of block i-1)"
-_SURFACE = "#d9822b"
-_NULL_BAND = "0.55"
-
-
-def to_png(fig: Figure, dpi: int = DPI) -> bytes:
-    """The figure as PNG bytes (and closed)."""
-    png, _ = render(fig, dpi)
-    return png
-
-
-def render(fig: Figure, dpi: int = DPI) -> tuple[bytes, bytes]:
-    """The figure as PNG and SVG bytes (and closed); the SVG carries no date, so equal figures are equal."""
-    out = []
-    for fmt, meta in (("png", {"Software": None}), ("svg", {"Date": None, "Creator": None})):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=dpi, bbox_inches="tight", pad_inches=0.08, metadata=meta)
-        out.append(buf.getvalue())
-    plt.close(fig)
-    return out[0], out[1]
-
-
-def _legend_top(
-    fig: Figure, handles: list, labels: list[str], ncol: int | None = None, y: float = 1.0
-) -> None:
-    fig.legend(
-        handles,
-        labels,
-        loc="lower center",
-        bbox_to_anchor=(0.5, y),
-        ncol=ncol or min(len(labels), 8),
-        handlelength=1.6,
-        columnspacing=1.4,
-        fontsize=9,
-    )
 
 
 def _shots_title(shots: int) -> str:
@@ -108,7 +45,7 @@ def decodability_vs_layer(
 ) -> Figure:
     """Overall k-NN decodability per layer, a line per model, per shots value: by absolute layer and by
     relative depth (two rows; side by side when there is one shots value)."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         single = len(shots) == 1
         nrow, ncol = (1, 2) if single else (2, len(shots))
         fig, axes = plt.subplots(
@@ -143,7 +80,7 @@ def decodability_vs_layer(
         handles = [Line2D([], [], color=colors[m], lw=2) for m in models]
         handles.append(Line2D([], [], color="0.5", lw=0.8, ls=":"))
         fig.tight_layout(h_pad=1.2)
-        _legend_top(fig, handles, [*models, "chance"])
+        legend_top(fig, handles, [*models, "chance"])
         return fig
 
 
@@ -190,8 +127,8 @@ def cd_vs_accuracy(
 ) -> Figure:
     """Per-concept decodability at the peak layer vs ICL accuracy: a row per model, a column per shots."""
     cols: list[int | str] = [*shots, "pooled"] if pooled else list(shots)
-    marker_of = {k: _MARKERS[i % len(_MARKERS)] for i, k in enumerate(shots)}
-    with plt.rc_context(_STYLE):
+    marker_of = {k: MARKERS[i % len(MARKERS)] for i, k in enumerate(shots)}
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(models),
             len(cols),
@@ -230,7 +167,7 @@ def cd_vs_accuracy(
             handles += [Line2D([], [], ls="", marker=marker_of[k], ms=6, color="0.35") for k in shots]
             labels += [_shots_title(k) for k in shots]
         fig.tight_layout(h_pad=1.0)
-        _legend_top(fig, handles, labels, ncol=min(len(labels), 10))
+        legend_top(fig, handles, labels, ncol=min(len(labels), 10))
         return fig
 
 
@@ -242,7 +179,7 @@ def umap_grid(
     ccolors: dict[str, object],
 ) -> Figure:
     """UMAP panels, a row per model and a column per shots value, points coloured by concept."""
-    with plt.rc_context({**_STYLE, "axes.grid": False}):
+    with plt.rc_context({**STYLE, "axes.grid": False}):
         fig, axes = plt.subplots(
             len(models), len(shots), figsize=(2.8 * len(shots) + 0.6, 2.7 * len(models) + 0.3), squeeze=False
         )
@@ -291,13 +228,13 @@ def umap_grid(
         fig.tight_layout(h_pad=0.8, w_pad=0.6)
         if present:
             handles = [Line2D([], [], ls="", marker="o", ms=7, color=ccolors[c]) for c in present]
-            _legend_top(fig, handles, present, ncol=min(len(present), 10))
+            legend_top(fig, handles, present, ncol=min(len(present), 10))
         return fig
 
 
 def vs_shots(table: pd.DataFrame, models: Sequence[str], colors: dict[str, tuple]) -> Figure:
     """ICL accuracy and peak decodability against the number of shots, a line per model."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(8.2, 3.0), sharex=True)
         shots = sorted(table["shots"].unique())
         for ax, col, label in (
@@ -318,7 +255,7 @@ def vs_shots(table: pd.DataFrame, models: Sequence[str], colors: dict[str, tuple
         fig.tight_layout()
         handles = [Line2D([], [], color=colors[m], lw=2, marker="o", ms=4.5) for m in models]
         handles.append(Line2D([], [], color="0.3", ls=":", lw=1.0))
-        _legend_top(fig, handles, [*models, "surface baseline"])
+        legend_top(fig, handles, [*models, "surface baseline"])
         return fig
 
 
@@ -336,7 +273,7 @@ def layers_with_controls(
     """Per model (rows) and shots (columns): k-NN decodability per layer with its bootstrap band, the probe,
     the label-permutation null (grey band, mean to 95th percentile) and the strongest surface baseline
     (orange line and band), the held-out peak marked."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(models),
             len(shots),
@@ -363,13 +300,13 @@ def layers_with_controls(
                 x = w["layer"].to_numpy()
                 lo, hi = _col(w, "cd_knn_null_mean"), _col(w, "cd_knn_null_p95")
                 if np.isfinite(hi).any():
-                    ax.fill_between(x, lo, hi, color=_NULL_BAND, alpha=0.35, lw=0)
+                    ax.fill_between(x, lo, hi, color=NULL_BAND, alpha=0.35, lw=0)
                 if not t.empty and np.isfinite(t["surface"].iloc[0] if "surface" in t else np.nan):
                     sv = float(t["surface"].iloc[0])
                     slo = float(t["surface_lo"].iloc[0]) if "surface_lo" in t else sv
                     shi = float(t["surface_hi"].iloc[0]) if "surface_hi" in t else sv
-                    ax.axhspan(slo, shi, color=_SURFACE, alpha=0.18, lw=0)
-                    ax.axhline(sv, color=_SURFACE, lw=1.1)
+                    ax.axhspan(slo, shi, color=SURFACE, alpha=0.18, lw=0)
+                    ax.axhline(sv, color=SURFACE, lw=1.1)
                 c_lo, c_hi = _col(w, "cd_knn_ci_low"), _col(w, "cd_knn_ci_high")
                 if np.isfinite(c_hi).any():
                     ax.fill_between(x, c_lo, c_hi, color=colors[m], alpha=0.25, lw=0)
@@ -389,8 +326,8 @@ def layers_with_controls(
         handles = [
             Line2D([], [], color="0.2", lw=1.6),
             Line2D([], [], color="0.2", lw=1.0, ls="--"),
-            Line2D([], [], color=_NULL_BAND, lw=6, alpha=0.5),
-            Line2D([], [], color=_SURFACE, lw=1.1),
+            Line2D([], [], color=NULL_BAND, lw=6, alpha=0.5),
+            Line2D([], [], color=SURFACE, lw=1.1),
             Line2D([], [], ls="", marker="o", ms=5, color="0.6", mec="black"),
         ]
         labels = [
@@ -401,7 +338,7 @@ def layers_with_controls(
             "held-out peak",
         ]
         fig.tight_layout(h_pad=0.8)
-        _legend_top(fig, handles, labels, ncol=5)
+        legend_top(fig, handles, labels, ncol=5)
         return fig
 
 
@@ -412,7 +349,7 @@ def concept_curves(
     ccolors: dict[str, object],
 ) -> Figure:
     """k-NN decodability (recall) per concept and layer: a row per model, a column per shots value."""
-    with plt.rc_context(_STYLE):
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(models),
             len(shots),
@@ -439,7 +376,7 @@ def concept_curves(
         present = [c for c in ccolors if c in set(per_concept["concept"])]
         handles = [Line2D([], [], color=ccolors[c], lw=2) for c in present]
         fig.tight_layout(h_pad=0.8)
-        _legend_top(fig, handles, present, ncol=min(len(present), 8))
+        legend_top(fig, handles, present, ncol=min(len(present), 8))
         return fig
 
 
@@ -453,8 +390,8 @@ def pair_curves(
     column per pair; a line per shots value with its permutation null (band) and its strongest surface
     baseline (dotted, same colour)."""
     names = list(wide_pairs)
-    shot_colors = {k: _TAB10[i % 10] for i, k in enumerate(shots)}
-    with plt.rc_context(_STYLE):
+    shot_colors = {k: TAB10[i % 10] for i, k in enumerate(shots)}
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(models),
             len(names),
@@ -499,15 +436,15 @@ def pair_curves(
         ]
         labels = [_shots_title(k) for k in shots] + ["surface baseline", "permutation null (mean–p95)"]
         fig.tight_layout(h_pad=0.8)
-        _legend_top(fig, handles, labels, ncol=len(labels))
+        legend_top(fig, handles, labels, ncol=len(labels))
         return fig
 
 
 def against_size(table: pd.DataFrame, models: Sequence[str], shots: Sequence[int]) -> Figure:
     """Decodability at the held-out peak (with its interval) and ICL accuracy without null, against the
     parameter count (log scale), a line per shots value; the surface baseline dotted."""
-    shot_colors = {k: _TAB10[i % 10] for i, k in enumerate(shots)}
-    with plt.rc_context(_STYLE):
+    shot_colors = {k: TAB10[i % 10] for i, k in enumerate(shots)}
+    with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.1), sharex=True)
         for ax, col, lo, hi, label in (
             (axes[0], "held_cd", "held_lo", "held_hi", "decodability at held-out peak (k-NN)"),
@@ -537,7 +474,5 @@ def against_size(table: pd.DataFrame, models: Sequence[str], shots: Sequence[int
         handles = [Line2D([], [], color=shot_colors[k], lw=2, marker="o", ms=4) for k in shots]
         handles.append(Line2D([], [], color="0.3", ls=":", lw=1.1))
         fig.tight_layout()
-        _legend_top(
-            fig, handles, [_shots_title(k) for k in shots] + ["surface baseline"], ncol=len(shots) + 1
-        )
+        legend_top(fig, handles, [_shots_title(k) for k in shots] + ["surface baseline"], ncol=len(shots) + 1)
         return fig

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import html
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from conceptprobe.plotting import concept_colors, model_colors, render
 from conceptprobe.report import figures as F
 from conceptprobe.report.collect import ReportData, ReportError, collect
 from conceptprobe.report.embedding import MIN_DIST, N_NEIGHBORS, cache_dir, run_embedding
@@ -31,6 +31,8 @@ from conceptprobe.report.stats import (
     pair_table,
     pooled_fits,
 )
+from conceptprobe.report.text import fmt_params
+from conceptprobe.store import atomic_write_bytes
 
 FIGURE_PREFIXES = ("decodability", "controls", "concepts", "pairs", "size", "cd_vs_acc", "umap", "shots")
 SECTIONS = {
@@ -147,16 +149,6 @@ class ReportResult:
 
 # ------------------------------------------------------------------------------------------------------------
 # Assembly
-
-
-def fmt_params(n: float) -> str:
-    if not n or np.isnan(n):
-        return "?"
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            v = n / div
-            return f"{v:.2f}{unit}" if v < 10 else f"{v:.1f}{unit}" if v < 100 else f"{v:.0f}{unit}"
-    return str(int(n))
 
 
 def _join(values: list[Any]) -> str:
@@ -278,7 +270,7 @@ def _slug(text: str) -> str:
 
 
 def _figure(key: str, section: str, task: str, title: str, caption: str, fig: Any) -> ReportFigure:
-    png, svg = F.render(fig)
+    png, svg = render(fig)
     return ReportFigure(key, section, task, title, caption, png, svg)
 
 
@@ -309,9 +301,11 @@ def assemble(
     per_concept = per_concept[~per_concept["concept"].str.contains("|", regex=False)]
     per_concept = per_concept.groupby(KEYS + ["concept", "layer"], as_index=False)["value"].mean()
     held = table.drop(columns=["peak_layer", "peak_cd"]).assign(
-        peak_layer=table["held_layer"], peak_cd=table["held_cd"], peak_rel=table["held_layer"] / table["n_layers"]
+        peak_layer=table["held_layer"],
+        peak_cd=table["held_cd"],
+        peak_rel=table["held_layer"] / table["n_layers"],
     )
-    mcolors = F.model_colors(list(data.models["model"]))
+    mcolors = model_colors(list(data.models["model"]))
     figures: list[ReportFigure] = []
     notes: list[str] = []
     null_txt = (
@@ -322,7 +316,7 @@ def assemble(
         models = data.model_order(task)
         shots = data.shots(task)
         concepts = next(r.concepts for r in data.runs if r.task == task)
-        ccolors = F.concept_colors(concepts)
+        ccolors = concept_colors(concepts)
         chance = 1.0 / max(len(concepts), 1)
         ks = "/".join(sorted({str(r.config.get("knn_k", "?")) for r in data.runs if r.task == task}))
         tt = table[table["task"] == task]
@@ -835,14 +829,6 @@ def render_markdown(report: Report, figures_rel: str = "figures") -> str:
 # Entry point
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename (conceptprobe.store's helper imports torch; this does not)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _no_runs() -> ReportData:
     """The probe-run data of a report built from extra results only."""
     return ReportData(runs=[], metrics=pd.DataFrame(), models=pd.DataFrame(columns=["model", "n_params"]))
@@ -920,12 +906,12 @@ def build_report(
         if old.name not in keep and old.name.startswith(prefixes):
             old.unlink()
     for f in [*report.figures, *extra_figs]:
-        _atomic_write(figures_dir / f"{f.key}.png", f.png)
+        atomic_write_bytes(figures_dir / f"{f.key}.png", f.png)
         if getattr(f, "svg", b""):
-            _atomic_write(figures_dir / f"{f.key}.svg", f.svg)
+            atomic_write_bytes(figures_dir / f"{f.key}.svg", f.svg)
     md = out.with_suffix(".md")
-    _atomic_write(md, render_markdown(report, "figures").encode())
-    _atomic_write(out, render_html(report).encode())
+    atomic_write_bytes(md, render_markdown(report, "figures").encode())
+    atomic_write_bytes(out, render_html(report).encode())
     return ReportResult(out, md, figures_dir, report)
 
 

@@ -38,6 +38,7 @@ from conceptprobe.config import (
     path_too_long,
     refuse_flag_only_keys,
 )
+from conceptprobe.names import SAFE_NAME
 
 #: RunConfig fields that a sweep sets per unit (the others are defaults for every unit).
 UNIT_KEYS = ("model", "task", "task_params", "shots", "seed")
@@ -50,7 +51,6 @@ _RENAMED = {
     "task_params": "tasks: [{name: <task>, params: {...}}]",
     "seed": "seeds: [0, ...]",
 }
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
 # A base class holding every RunConfig field but the per-unit ones, with the same types and defaults.
 _RunDefaults: type[BaseModel] = create_model(  # type: ignore[call-overload]
@@ -60,10 +60,13 @@ _RunDefaults: type[BaseModel] = create_model(  # type: ignore[call-overload]
 )
 
 
-def default_label(ref: str, quantize: str | None = None) -> str:
-    """A folder-safe label: the alias, the GGUF file's stem, or the last part of a hub id or path."""
+def default_label(ref: str, quantize: str | None = None, revision: str | None = None) -> str:
+    """A folder-safe label: the alias, the GGUF file's stem, or the last part of a hub id or path, with the
+    revision (a checkpoint) and the quantization appended."""
     base = Path(ref.rstrip("/")).stem if ref.endswith(".gguf") else Path(ref.rstrip("/")).name
     base = re.sub(r"[^A-Za-z0-9._+-]+", "-", base).strip("-.") or "model"
+    if revision:
+        base += "+" + (re.sub(r"[^A-Za-z0-9._+-]+", "-", revision).strip("-.") or "rev")
     return f"{base}-{quantize}" if quantize else base
 
 
@@ -77,6 +80,10 @@ class ModelEntry(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="overrides the sweep dtype"
     )
+    revision: str | None = Field(None, description="hub branch, tag or commit (e.g. a training checkpoint)")
+    step: int | None = Field(
+        None, ge=0, description="training step of this checkpoint [read from a revision like step1000]"
+    )
     quantize: Literal["4bit", "8bit"] | None = Field(
         None, description="bitsandbytes quantization (CUDA only)"
     )
@@ -86,7 +93,7 @@ class ModelEntry(BaseModel):
     @field_validator("label")
     @classmethod
     def _safe_label(cls, value: str | None) -> str | None:
-        if value is not None and not _SAFE.match(value):
+        if value is not None and not SAFE_NAME.match(value):
             raise ValueError(
                 f"label {value!r} is used as a folder name: use letters, digits and . _ + - only"
             )
@@ -103,8 +110,16 @@ class ModelEntry(BaseModel):
     @model_validator(mode="after")
     def _fill_label(self) -> ModelEntry:
         if self.label is None:
-            self.label = default_label(self.ref, self.quantize)
+            self.label = default_label(self.ref, self.quantize, self.revision)
         return self
+
+    @property
+    def training_step(self) -> int | None:
+        """The checkpoint's training step: ``step``, else the number in a revision such as ``step1000``."""
+        if self.step is not None:
+            return self.step
+        found = re.fullmatch(r"(?:step|global_step|ckpt|checkpoint)[-_]?(\d+)", self.revision or "")
+        return int(found.group(1)) if found else None
 
 
 class TaskEntry(BaseModel):
@@ -119,7 +134,7 @@ class TaskEntry(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _SAFE.match(value):
+        if not SAFE_NAME.match(value):
             shown = value if len(value) <= 80 else value[:80] + "…"
             raise ValueError(
                 f"task name {shown!r} is not a task name: tasks are named with letters, digits and . _ + -"
@@ -129,7 +144,7 @@ class TaskEntry(BaseModel):
     @field_validator("label")
     @classmethod
     def _safe_label(cls, value: str | None) -> str | None:
-        if value is not None and not _SAFE.match(value):
+        if value is not None and not SAFE_NAME.match(value):
             raise ValueError(f"label {value!r} is used in folder names: use letters, digits and . _ + - only")
         return value
 
@@ -172,7 +187,7 @@ class SweepConfig(_RunDefaults):  # type: ignore[misc, valid-type]
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not _SAFE.match(value):
+        if not SAFE_NAME.match(value):
             raise ValueError(f"name {value!r} names the output folder: use letters, digits and . _ + - only")
         return value
 

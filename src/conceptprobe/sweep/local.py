@@ -21,17 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from conceptprobe import __version__
 from conceptprobe.config import ConfigError, RunConfig
+from conceptprobe.progress import progress_bar
 from conceptprobe.store import (
     RUN_LOCK,
     SWEEP_LOCK,
@@ -68,8 +61,8 @@ def load_model(*args: Any, **kwargs: Any) -> LoadedModel:
 
 
 def run(*args: Any, **kwargs: Any) -> Any:
-    """:func:`conceptprobe.run.run`, imported on first use."""
-    from conceptprobe.run import run as run_one
+    """:func:`conceptprobe.experiments.probe.run`, imported on first use."""
+    from conceptprobe.experiments.probe import run as run_one
 
     return run_one(*args, **kwargs)
 
@@ -160,9 +153,14 @@ def load_for(model: ModelEntry, config: RunConfig, trust_remote_code: bool = Fal
         max_memory=model.max_memory,
         quantization_config=_quantization_config(model, config),
         trust_remote_code=trust_remote_code,
+        revision=model.revision,
     )
     loaded.info.extra.update(
-        label=model.label, quantize=model.quantize, device_map=model.device_map, max_memory=model.max_memory
+        label=model.label,
+        quantize=model.quantize,
+        device_map=model.device_map,
+        max_memory=model.max_memory,
+        step=model.training_step,
     )
     return loaded
 
@@ -306,20 +304,6 @@ class SweepResult:
         return sum(1 for u in self.units if u.get("action") == action)
 
 
-def _sweep_progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
-
-
 def hold_sweep_lock(plan: SweepPlan, console: Console) -> FolderLock:
     """Take ``<out>/.sweep.lock`` (a note when a gone process's lock is taken over); the caller releases it."""
     lock = FolderLock(plan.out, SWEEP_LOCK)
@@ -403,7 +387,7 @@ def _run_units(
     done = total - len(todo)
     # a bar for the whole sweep, with run()'s bar for the current unit nested below it (rich >= 14.1)
     outer = progress and hasattr(console, "_live_stack")
-    with _sweep_progress(console, outer) as bar:
+    with progress_bar(console, outer) as bar:
         units_bar = bar.add_task("units", total=total, completed=done)
         prompts_bar = bar.add_task("prompts", total=sum(u.n_prompts for u in todo) or 1)
         for model, units in plan.by_model():

@@ -85,7 +85,7 @@ def expand(
     for i, entry in enumerate(config.tasks):
         key = f"{source}: key 'tasks.{i}'"
         try:
-            task = get_task(entry.name, tasks_dir=tasks_dir, **entry.params)
+            task = get_task(entry.name, tasks_dir=tasks_dir or config.tasks_dir, **entry.params)
         except UnknownTaskError as exc:
             raise ConfigError(f"{key}: {exc}") from None
         except (TypeError, ValueError) as exc:
@@ -106,6 +106,7 @@ def expand(
                     fields = {
                         **defaults,
                         "model": model.ref,
+                        "revision": model.revision,
                         "task": entry.name,
                         "task_params": entry.params,
                         "shots": shots,
@@ -292,7 +293,7 @@ def check_units(plan: SweepPlan, units: list[Unit], tasks_dir: str | Path | None
         if not todo:
             continue
         try:
-            ref = check_model_ref(model.ref, plan.trust_remote_code)
+            ref = check_model_ref(model.ref, plan.trust_remote_code, model.revision)
         except ConfigError as exc:
             raise ConfigError(f"{plan.source}: models ({model.label}): {exc}") from None
         tokenizer: Any = None

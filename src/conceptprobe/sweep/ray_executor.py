@@ -2,7 +2,7 @@
 
 The driver (this process) owns ``<out>/sweep.json`` and is its only writer; each task loads its model once
 and writes its units' run folders through the same pipeline as the local executor
-(:func:`conceptprobe.run.run`: atomic writes, resumable per concept), so ``<out>`` must be on a filesystem
+(:func:`conceptprobe.experiments.probe.run`: atomic writes, resumable per concept), so ``<out>`` must be on a filesystem
 every node sees at the same path (on one machine it always is). A task whose worker dies (crash, OOM
 kill, lost node) is retried by Ray (``max_retries``); the retry skips the units already complete and
 resumes the others, so a retry never corrupts or duplicates results. A unit that raises is recorded as

@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import io
 import os
-import re
 import signal
 import sys
 import threading
@@ -29,6 +28,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from conceptprobe.names import SAFE_NAME
 from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask, Example
 
 ENTRY_POINT_GROUP = "conceptprobe.tasks"
@@ -37,7 +37,6 @@ TASKS_DIR_ENV = "CONCEPTPROBE_TASKS_DIR"
 PLUGIN_TIMEOUT_ENV = "CONCEPTPROBE_PLUGIN_TIMEOUT"
 DEFAULT_PLUGIN_TIMEOUT = 10.0
 #: Task names name folders (default run folders, sweep units): no separators, no leading dot.
-SAFE_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _BUILTIN_MODULES = (
     "conceptprobe.tasks.pos",
     "conceptprobe.tasks.bitwise",
@@ -236,7 +235,7 @@ def register_task(name: str):
 
     ``name`` names folders (run and sweep folders), so it must be letters, digits and ``. _ + -`` only.
     """
-    if not isinstance(name, str) or not SAFE_TASK_NAME.match(name):
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
         shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:80] + "…"
         raise ValueError(
             f"task name {shown} cannot name a folder: use letters, digits and . _ + - only (not starting "

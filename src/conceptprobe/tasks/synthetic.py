@@ -1,6 +1,6 @@
 """The synthetic training tasks as text concept tasks, registered beside ``pos`` and ``bitwise``.
 
-Both families have a numeric generator used for training (:mod:`conceptprobe.training.data`) and a text
+Both families have a numeric generator used for training (:mod:`conceptprobe.tasks.synthetic_data`) and a text
 rendering here, so pretrained models can be probed on the same concepts through the usual pipeline
 (``conceptprobe run --task sparse_regression``) and ``conceptprobe tasks`` lists them.
 
@@ -8,7 +8,7 @@ rendering here, so pretrained models can be probed on the same concepts through 
   pipeline samples every demonstration independently, so a per-sequence weight vector ``w`` cannot be
   shared across a prompt; the text rendering therefore fixes ``w = 1``: input ``dim`` digits, answer the
   sum of the digits on the concept's coordinates (exact). Training uses the full mixture, with ``w``
-  drawn per sequence (:class:`~conceptprobe.training.data.RegressionSpec`). ``null``: the sum of
+  drawn per sequence (:class:`~conceptprobe.tasks.synthetic_data.RegressionSpec`). ``null``: the sum of
   ``rank`` random coordinates.
 - ``repeated_segments``: ``copy``: the input is random letters in which a segment of distinct letters
   recurs, cut off inside the second copy; the answer is the letter that followed the current letter in
@@ -24,7 +24,7 @@ import numpy as np
 
 from conceptprobe.tasks.base import NULL_CONCEPT, ConceptTask, Example
 from conceptprobe.tasks.registry import register_task
-from conceptprobe.training.data import RegressionSpec
+from conceptprobe.tasks.synthetic_data import RegressionSpec
 
 #: Most digits in a sparse_regression input (``dim`` sets the prompt length).
 MAX_DIM = 256

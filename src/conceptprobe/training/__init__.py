@@ -1,6 +1,6 @@
 """Train small transformers on synthetic concept tasks and watch concepts and induction heads emerge.
 
-- :mod:`~conceptprobe.training.data`: the generators (mixture of sparse linear regressions; token
+- :mod:`~conceptprobe.tasks.synthetic_data`: the generators (mixture of sparse linear regressions; token
   sequences with repeated segments). numpy only, so the task registry can import them cheaply.
 - :mod:`~conceptprobe.training.model`: GPT-2 / Llama models from transformers' configs (real-valued
   read-in and read-out for regression; an attention-only variant for induction).

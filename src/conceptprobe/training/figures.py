@@ -21,7 +21,6 @@ import base64
 import html
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -280,7 +279,7 @@ def compute_umaps(run: RunData, layer: int, steps: list[int], seed: int = 0) -> 
     """UMAP coordinates of the tracked representations at ``layer`` for ``steps`` (None if not tracked)."""
     from safetensors.torch import load_file
 
-    from conceptprobe.report.embedding import umap_2d
+    from conceptprobe.measures.embedding import umap_2d
 
     frames = []
     names = None
@@ -352,9 +351,9 @@ def _plt() -> Any:
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from conceptprobe.report.figures import _STYLE
+    from conceptprobe.plotting import STYLE
 
-    plt.rcParams.update(_STYLE)
+    plt.rcParams.update(STYLE)
     return plt
 
 
@@ -366,7 +365,7 @@ def _shade(ax: Any, window: dict[str, Any] | None, color: Any, alpha: float = 0.
 
 def fig_coupled(run: RunData, analysis: dict[str, Any]) -> bytes:
     """One panel per concept: its loss and its decodability (k-NN and probe) on the same axis."""
-    from conceptprobe.report.figures import concept_colors, to_png
+    from conceptprobe.plotting import concept_colors, to_png
 
     plt = _plt()
     concepts = list(analysis["concepts"])
@@ -422,7 +421,7 @@ def fig_coupled(run: RunData, analysis: dict[str, Any]) -> bytes:
 
 def fig_all_concepts(run: RunData, analysis: dict[str, Any]) -> bytes:
     """All concepts' losses and decodabilities in one panel (colour = concept)."""
-    from conceptprobe.report.figures import concept_colors, to_png
+    from conceptprobe.plotting import concept_colors, to_png
 
     plt = _plt()
     concepts = list(analysis["concepts"])
@@ -444,7 +443,7 @@ def fig_all_concepts(run: RunData, analysis: dict[str, Any]) -> bytes:
 
 def fig_layers(run: RunData, metric: str = "cd_knn", position: int = 0) -> bytes:
     """Overall decodability per layer (rows) and checkpoint (columns)."""
-    from conceptprobe.report.figures import to_png
+    from conceptprobe.plotting import to_png
 
     plt = _plt()
     m = run.metrics
@@ -467,7 +466,7 @@ def fig_layers(run: RunData, metric: str = "cd_knn", position: int = 0) -> bytes
 
 
 def fig_umap(umaps: pd.DataFrame, run: RunData, analysis: dict[str, Any]) -> bytes:
-    from conceptprobe.report.figures import concept_colors, to_png
+    from conceptprobe.plotting import concept_colors, to_png
 
     plt = _plt()
     steps = sorted(umaps["step"].unique())
@@ -503,7 +502,7 @@ def fig_umap(umaps: pd.DataFrame, run: RunData, analysis: dict[str, Any]) -> byt
 
 
 def fig_train_loss(run: RunData, ylabel: str) -> bytes:
-    from conceptprobe.report.figures import to_png
+    from conceptprobe.plotting import to_png
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 3.0))
@@ -521,7 +520,7 @@ def fig_train_loss(run: RunData, ylabel: str) -> bytes:
 
 def fig_phase_change(run: RunData, pc: dict[str, Any]) -> bytes:
     """Prefix matching per head (last layer) and the ICL score over training, the phase change shaded."""
-    from conceptprobe.report.figures import to_png
+    from conceptprobe.plotting import to_png
 
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.6, 6.0), sharex=True)
@@ -568,7 +567,7 @@ def fig_phase_change(run: RunData, pc: dict[str, Any]) -> bytes:
 
 
 def fig_losses_induction(run: RunData) -> bytes:
-    from conceptprobe.report.figures import to_png
+    from conceptprobe.plotting import to_png
 
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.6, 3.0))
@@ -949,9 +948,9 @@ def build_training_report(
             say(f"UMAP at layer {layer} for steps {steps}")
             umaps = compute_umaps(run, layer, steps)
             if umaps is not None:
-                tmp = folder / f".umap.parquet.tmp{os.getpid()}"
-                umaps.to_parquet(tmp, index=False)
-                os.replace(tmp, umap_path)
+                from conceptprobe.store import atomic_write_parquet
+
+                atomic_write_parquet(umap_path, umaps)
         if umaps is None and umap_path.is_file():
             umaps = pd.read_parquet(umap_path)
         if umaps is not None:

@@ -21,6 +21,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from conceptprobe.hooks import on_layer
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -164,20 +166,13 @@ def residual_stream(
     pos = torch.as_tensor(positions, dtype=torch.long)
     rows: list[torch.Tensor | None] = [None] * (len(layer_blocks) + 1)
 
-    def keep(index: int, tensor: torch.Tensor) -> None:
-        rows[index] = tensor[:, pos].detach().float().cpu()
+    def keeper(index: int) -> Any:
+        def keep(tensor: torch.Tensor) -> None:
+            rows[index] = tensor[:, pos].detach().float().cpu()
 
-    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        keep(0, args[0] if args else kwargs["hidden_states"])
+        return keep
 
-    def post_hook(index: int):
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            keep(index, output[0] if isinstance(output, tuple) else output)
-
-        return hook
-
-    handles = [layer_blocks[0].register_forward_pre_hook(pre_hook, with_kwargs=True)]
-    handles += [b.register_forward_hook(post_hook(i + 1)) for i, b in enumerate(layer_blocks)]
+    handles = [on_layer(layer_blocks, i, keeper(i)) for i in range(len(layer_blocks) + 1)]
     try:
         with torch.no_grad():
             run()

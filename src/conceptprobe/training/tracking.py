@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from conceptprobe.measures.decodability import knn_decodability, probe_accuracy, stratified_fold_ids
-from conceptprobe.training.data import (
+from conceptprobe.tasks.synthetic_data import (
     BOS,
     NULL,
     RegressionSpec,

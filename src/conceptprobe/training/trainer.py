@@ -43,7 +43,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from conceptprobe.training.data import RegressionSpec, SegmentSpec
+from conceptprobe.progress import progress_bar
+from conceptprobe.tasks.synthetic_data import RegressionSpec, SegmentSpec
 from conceptprobe.training.model import ModelSpec
 
 TASKS = ("sparse_regression", "repeated_segments")
@@ -342,7 +343,7 @@ class Run:
         torch.manual_seed(cfg.seed)
         if cfg.task == "sparse_regression":
             assert isinstance(self.spec, RegressionSpec)
-            from conceptprobe.training.data import concept_bases
+            from conceptprobe.tasks.synthetic_data import concept_bases
 
             self.bases = concept_bases(self.spec)
             self.model = build_regression_model(self.model_spec, self.spec.token_dim, self.spec.seq_len)
@@ -369,7 +370,7 @@ class Run:
         import torch
         import torch.nn.functional as F
 
-        from conceptprobe.training.data import regression_train_batch, sample_segments, step_rng
+        from conceptprobe.tasks.synthetic_data import regression_train_batch, sample_segments, step_rng
 
         rng = step_rng(self.cfg.seed, step)
         if isinstance(self.spec, RegressionSpec):
@@ -467,9 +468,9 @@ class Run:
                 dtype="Int64",
             )
         frame["value"] = frame["value"].astype("float64")
-        tmp = self.folder / f".{METRICS}.tmp{os.getpid()}"
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, self.folder / METRICS)
+        from conceptprobe.store import atomic_write_parquet
+
+        atomic_write_parquet(self.folder / METRICS, frame)
 
     def read_tables(self, upto: int) -> None:
         import pandas as pd
@@ -488,7 +489,9 @@ class Run:
 
     def track(self, step: int) -> str:
         """Measure at ``step``; keep the rows and save the tracked tensors. Returns a one-line summary."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
+
+        from conceptprobe.store import atomic_write_bytes
 
         was_training = self.model.training
         self.model.eval()
@@ -511,9 +514,8 @@ class Run:
         if tensors:
             path = self.folder / "tracking" / f"step_{step:07d}.safetensors"
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"step": str(step)})
-            os.replace(tmp, path)
+            data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"step": str(step)})
+            atomic_write_bytes(path, data)
         return summary
 
 
@@ -528,27 +530,6 @@ def _set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
-
-
-def _progress(enabled: bool) -> Any:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
 
 
 def train(
@@ -611,7 +592,7 @@ def train(
         last_ckpt = 0
         say(f"step 0: {summary}")
     pending = [s for s in schedule if s > start]
-    with _progress(progress) as bar:
+    with progress_bar(None, progress, extra="loss {task.fields[loss]}") as bar:
         task = bar.add_task(cfg.name, total=cfg.steps, completed=start, loss="-")
         for step in range(start, cfg.steps):
             loss = run.update(step)

@@ -20,22 +20,15 @@ from typing import Any
 import pandas as pd
 import torch
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
 from conceptprobe import __version__
 from conceptprobe.batching import plan_batches
-from conceptprobe.capture import ResidualCapture
 from conceptprobe.config import RunConfig
 from conceptprobe.generation import capture_and_generate, encode
+from conceptprobe.hooks import ResidualCapture
 from conceptprobe.measures.decodability import decodability_peak
 from conceptprobe.models import LoadedModel, load_model
+from conceptprobe.progress import progress_bar
 from conceptprobe.prompts import Prompt
 from conceptprobe.store import RunStore, git_revision, now, package_versions, same_measures, sha256_of
 from conceptprobe.tasks.base import ConceptTask
@@ -56,11 +49,46 @@ def answer_matches(prediction: str, answer: str) -> bool:
     return prediction.strip() == answer.strip()
 
 
-def plan_prompts(
-    config: RunConfig, tasks_dir: str | Path | None = None
-) -> tuple[ConceptTask, dict[str, list[Prompt]]]:
-    """The task and its prompts per concept (no model needed); problems are one-line ``ConfigError`` s."""
-    return check_task(config, tasks_dir)
+@dataclass
+class Preview:
+    """What a run would do, without its weights: the task, its prompts, their token counts and the memory
+    plan (token counts and plan need the model's tokenizer and config, which load in seconds)."""
+
+    task: ConceptTask
+    prompts: dict[str, list[Prompt]]
+    tokens: dict[str, list[int]] | None
+    reuse: dict[str, dict[str, float | int]]
+    plan: Any = None
+    plan_error: str | None = None
+
+
+def preview(config: RunConfig, tasks_dir: str | Path | None = None, *, model: bool = True) -> Preview:
+    """The run of ``config`` as it would start: prompts, token counts and memory plan; no weights loaded."""
+    from conceptprobe.prompts import reuse_stats
+
+    task, prompts = check_task(config, tasks_dir)
+    reuse = {c: reuse_stats(ps) for c, ps in prompts.items()}
+    if not model:
+        return Preview(task, prompts, None, reuse)
+    from conceptprobe.models.load import load_tokenizer
+    from conceptprobe.models.plan import plan_memory
+
+    tok = load_tokenizer(config.model, revision=config.revision)
+    tokens = {c: [len(ids) for ids in tok([p.text for p in ps])["input_ids"]] for c, ps in prompts.items()}
+    longest = max(max(t) for t in tokens.values())
+    try:
+        plan = plan_memory(
+            config.model,
+            revision=config.revision,
+            dtype=config.dtype,
+            batch_size=config.batch_size,
+            seq_len=longest + (config.max_new_tokens or 8),
+            layers=config.layers if config.layers == "all" else tuple(config.layers),
+            positions=len(config.positions),
+        )
+        return Preview(task, prompts, tokens, reuse, plan)
+    except Exception as exc:  # noqa: BLE001 - the plan is a courtesy: the preview stands without it
+        return Preview(task, prompts, tokens, reuse, None, f"{exc.__class__.__name__}: {exc}")
 
 
 def _max_new_tokens(config: RunConfig, loaded: LoadedModel, prompts: dict[str, list[Prompt]]) -> int:
@@ -70,20 +98,6 @@ def _max_new_tokens(config: RunConfig, loaded: LoadedModel, prompts: dict[str, l
     answers = sorted({config.prompt_format.answer_prefix + p.answer for ps in prompts.values() for p in ps})
     longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
     return longest + 2
-
-
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("prompts"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    )
 
 
 def collect(
@@ -132,7 +146,7 @@ def collect(
     total = sum(len(prompts[c]) for c in todo)
     dtype = torch.float32
     with (
-        _progress(console, progress) as bar,
+        progress_bar(console, progress, unit="prompts") as bar,
         ResidualCapture(loaded.model, layers=layers, dtype=dtype) as cap,
     ):
         job = bar.add_task(f"{loaded.info.ref} · {config.task} · {config.shots}-shot", total=total)
@@ -551,7 +565,7 @@ def _load_checked(
     config: RunConfig, prompts: dict[str, list[Prompt]], trust_remote_code: bool = False
 ) -> LoadedModel:
     """Check the model reference and layers, load the tokenizer and check the prompts, then the weights."""
-    ref = check_model_ref(config.model, trust_remote_code)
+    ref = check_model_ref(config.model, trust_remote_code, config.revision)
     if ref.n_layers is not None:
         check_layers(config, ref.n_layers, config.model)
     checked = []
@@ -561,7 +575,11 @@ def _load_checked(
         checked.append(True)
 
     loaded = load_model(
-        config.model, config.dtype, trust_remote_code=trust_remote_code, on_tokenizer=before_weights
+        config.model,
+        config.dtype,
+        revision=config.revision,
+        trust_remote_code=trust_remote_code,
+        on_tokenizer=before_weights,
     )
     limit = getattr(loaded.model.config, "max_position_embeddings", None)
     if not checked or (limit and limit != ref.max_positions):
@@ -615,7 +633,7 @@ def model_files(loaded: LoadedModel) -> dict[str, Any]:
         return {Path(info.file or info.ref).name: info.file_sha256}
     if info.source != "local" or not info.file:
         return {"revision": info.revision}
-    from conceptprobe.models.load import _cached_sha
+    from conceptprobe.models.load import cached_sha256
 
     folder = Path(info.file)
     files = sorted(
@@ -623,4 +641,4 @@ def model_files(loaded: LoadedModel) -> dict[str, Any]:
     )
     if sum(p.stat().st_size for p in files) > _HASH_LIMIT:
         return {p.name: f"{p.stat().st_size} bytes (not hashed: folder over 8 GiB)" for p in files}
-    return {p.name: _cached_sha(p) for p in files}
+    return {p.name: cached_sha256(p) for p in files}

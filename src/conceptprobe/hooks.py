@@ -1,4 +1,5 @@
-"""Capture the residual stream at chosen token positions, every layer, with forward hooks.
+"""The residual-stream hooks: capture (:class:`ResidualCapture`), patching (:class:`ResidualPatch`) and the
+one primitive both use (:func:`on_layer`), also used by training and head ablation.
 
 Layer numbering (the same everywhere in conceptprobe): layer 0 is the input of the first decoder
 layer (the token embeddings, after any embedding scaling, e.g. Gemma's sqrt(d)); layer i >= 1 is the
@@ -13,8 +14,8 @@ sit on different devices (rows are moved to the buffer's device).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,6 +46,32 @@ def resolve_layers(n_layers: int, layers: Sequence[int] | str | None) -> list[in
     if len(set(out)) != len(out):
         raise ValueError(f"layers list has duplicates: {list(layers)}")
     return sorted(out)
+
+
+def on_layer(
+    blocks: nn.ModuleList, layer: int, fn: Callable[[torch.Tensor], torch.Tensor | None]
+) -> torch.utils.hooks.RemovableHandle:
+    """Call ``fn(hidden)`` on residual-stream ``layer`` (0 = the input of block 0, i = the output of block
+    i-1) in every forward pass; a tensor ``fn`` returns replaces the stream there. Returns the handle."""
+    if layer == 0:
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            new = fn(hidden)
+            if new is None:
+                return None
+            return ((new, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": new})
+
+        return blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+
+    def post(module: nn.Module, args: tuple, output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        new = fn(hidden)
+        if new is None:
+            return None
+        return (new, *output[1:]) if isinstance(output, tuple) else new
+
+    return blocks[layer - 1].register_forward_hook(post)
 
 
 class ResidualCapture:
@@ -105,27 +132,13 @@ class ResidualCapture:
         if self.stop_after_last and slot == len(self.layers) - 1:
             raise StopForward
 
-    def _pre_hook(self, slot: int):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._store(slot, hidden)
-
-        return hook
-
-    def _post_hook(self, slot: int):
-        def hook(module: nn.Module, args: tuple, output: object) -> None:
-            hidden = output[0] if isinstance(output, tuple) else output
-            self._store(slot, hidden)  # type: ignore[arg-type]
-
-        return hook
+    def _keeper(self, slot: int) -> Callable[[torch.Tensor], None]:
+        return lambda hidden: self._store(slot, hidden)
 
     def __enter__(self) -> ResidualCapture:
-        for slot, layer in enumerate(self.layers):
-            if layer == 0:
-                handle = self.blocks[0].register_forward_pre_hook(self._pre_hook(slot), with_kwargs=True)
-            else:
-                handle = self.blocks[layer - 1].register_forward_hook(self._post_hook(slot))
-            self._handles.append(handle)
+        self._handles = [
+            on_layer(self.blocks, layer, self._keeper(slot)) for slot, layer in enumerate(self.layers)
+        ]
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -147,8 +160,68 @@ class ResidualCapture:
         return self._buffer_view.clone()
 
 
-@contextmanager
-def capturing(model: nn.Module, **kwargs: object) -> Iterator[ResidualCapture]:
-    """``with capturing(model, layers=[...]) as cap: ...`` — shorthand for :class:`ResidualCapture`."""
-    with ResidualCapture(model, **kwargs) as cap:  # type: ignore[arg-type]
-        yield cap
+class ResidualPatch:
+    """A hook that adds to or replaces the residual stream at ``layer`` (capture's numbering), one row per prompt.
+
+    Use as a context manager; before each forward pass to patch call :meth:`arm` with the position and the
+    vector of every row. The hook patches the first forward pass after ``arm`` only (the prefill) and then
+    disarms itself; :attr:`fired` tells whether it ran.
+    """
+
+    def __init__(self, model: nn.Module, layer: int, mode: Literal["add", "replace"] = "replace") -> None:
+        if mode not in ("add", "replace"):
+            raise ValueError(f"mode must be 'add' or 'replace', got {mode!r}")
+        self.blocks = decoder_layers(model)
+        self.layer = resolve_layers(len(self.blocks), [layer])[0]
+        self.mode = mode
+        self.fired = False
+        self._positions: torch.Tensor | None = None
+        self._vectors: torch.Tensor | None = None
+        self._rows: torch.Tensor | None = None
+        self._handle: torch.utils.hooks.RemovableHandle | None = None
+
+    def arm(self, positions: torch.Tensor, vectors: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Patch row ``b`` at ``positions[b]`` with ``vectors[b]`` (``[batch]``, ``[batch, d]``) in the next pass;
+        ``rows`` (bool ``[batch]``) limits the patch to some rows, leaving the others untouched."""
+        if positions.dim() != 1 or vectors.dim() != 2 or vectors.shape[0] != positions.shape[0]:
+            raise ValueError(
+                f"positions must be [batch] and vectors [batch, d]; got {tuple(positions.shape)} and "
+                f"{tuple(vectors.shape)}"
+            )
+        if rows is not None and rows.shape != positions.shape:
+            raise ValueError(f"rows must be a bool mask of shape {tuple(positions.shape)}")
+        self._positions = positions.long()
+        self._vectors = vectors
+        self._rows = None if rows is None else rows.bool()
+        self.fired = False
+
+    def disarm(self) -> None:
+        self._positions = self._vectors = self._rows = None
+
+    def _apply(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        if self._positions is None or self._vectors is None:
+            return None
+        if hidden.shape[0] != self._positions.shape[0]:
+            raise RuntimeError(
+                f"patch armed for a batch of {self._positions.shape[0]} rows, got {hidden.shape[0]}"
+            )
+        every = self._rows is None
+        rows = torch.arange(hidden.shape[0]) if every else self._rows.nonzero().flatten()  # type: ignore[union-attr]
+        pos = self._positions[rows].to(hidden.device)
+        vec = self._vectors[rows].to(hidden.device, hidden.dtype)
+        rows = rows.to(hidden.device)
+        out = hidden.clone()
+        out[rows, pos] = out[rows, pos] + vec if self.mode == "add" else vec
+        self.disarm()
+        self.fired = True
+        return out
+
+    def __enter__(self) -> ResidualPatch:
+        self._handle = on_layer(self.blocks, self.layer, self._apply)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.disarm()
