@@ -42,6 +42,9 @@ for line in sys.stdin:
     if req["op"] == "start":
         pid = os.fork()
         if pid == 0:
+            # a forked child inherits torch's thread pool marked unusable; rebuilding it here, on one
+            # thread, keeps transformers' loader threads from racing to rebuild it ("Invalid thread pool!")
+            torch.set_num_threads(1)
             fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             os.dup2(fd, 1)
             os.dup2(fd, 2)

@@ -326,8 +326,11 @@ def test_pairs_table_shows_decodability_within_each_pair_beside_its_controls(tmp
     folder = tmp_path / "sweep" / "tiny-llama" / "first-last_2shot_seed0"
     cfg = RunConfig(model=str(model_dir), task="first-last", shots=2, n=12, max_new_tokens=1)
     run(cfg, folder, progress=False, console=Console(file=io.StringIO()))
-    out = build_report([tmp_path / "sweep"], tmp_path / "r" / "report.html", umap=False, n_boot=200)
+    out = build_report(
+        [tmp_path / "sweep", run_tree()], tmp_path / "r" / "report.html", umap=False, n_boot=200
+    )
     page = HtmlTables.parse(out.html.read_text())
+    assert len(page.of("pairs")) == 1  # only the task with pairs has a pairs table
     rows = page.of("pairs")[0]["rows"]
     m = pd.read_parquet(folder / "metrics.parquet")
     assert {r["pair"][0] for r in rows} == {"first_noun|last_noun", "first_verb|last_verb"}

@@ -282,13 +282,13 @@ def _gain(norm: nn.Module | None, width: int, like: torch.Tensor) -> torch.Tenso
 @torch.inference_mode()
 def embedding_unembedding(model: nn.Module, chunk: int = 32768) -> torch.Tensor:
     """``G = W_E^T W_U`` ``[d, d]`` (float64): the token embedding meeting the unembedding, over the whole
-    vocabulary (the rows both matrices have), accumulated in chunks."""
+    vocabulary (the rows both matrices have), float32 products accumulated in float64 by chunks."""
     w_e = model.get_input_embeddings().weight
     w_u = model.get_output_embeddings().weight
     n = min(w_e.shape[0], w_u.shape[0])
     g = torch.zeros(w_e.shape[1], w_u.shape[1], dtype=torch.float64, device=w_e.device)
     for i in range(0, n, chunk):
-        g += w_e[i : i + chunk].double().T @ w_u[i : i + chunk].double()
+        g += (w_e[i : i + chunk].float().T @ w_u[i : i + chunk].float()).double()  # fp32 products, fp64 sum
     return g
 
 

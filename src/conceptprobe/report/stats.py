@@ -243,6 +243,8 @@ def run_headlines(metrics: pd.DataFrame, concept: str = "all") -> pd.DataFrame:
     """
     rows = []
     for key, m in metrics.groupby(RUN_KEYS, sort=True):
+        if concept != "all" and not (m["concept"] == concept).any():
+            continue  # a run of a task without this pair
         row: dict[str, object] = dict(zip(RUN_KEYS, key, strict=True))
         if concept == "all":
             acc = (
