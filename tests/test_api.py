@@ -134,3 +134,17 @@ def test_tasks_show_prints_example_prompts_with_answers():
 def test_small_n_works_with_fewer_folds(tiny, tmp_path):
     result = cp.run({"model": str(tiny), "task": "bitwise", "shots": 1, "n": 3, "knn_k": 2}, progress=False)
     assert result.metrics.query("metric == 'probe_accuracy' and concept == 'all'")["value"].notna().all()
+
+
+def test_token_loss_pca_folders_load_as_long_form_metrics():
+    """The committed token-loss PCA (written before it had a metrics.parquet) reads from its record."""
+    folder = Path(__file__).parents[1] / "results" / "token-loss-pca"
+    record = json.loads((folder / "token_loss_pca.json").read_text())
+    frame = cp.load_runs([folder])
+    assert frame.attrs["skipped"] == []
+    assert set(frame.kind) == {"token-loss-pca"}
+    assert sorted(frame.model.unique()) == sorted(record["labels"])
+    pc1 = frame[(frame.metric == "pc1")].set_index("model").value
+    for label, xy in zip(record["labels"], record["coords"], strict=True):
+        assert pc1[label] == pytest.approx(xy[0])
+    assert (frame.n == record["n_positions"]).all()

@@ -288,7 +288,7 @@ def _brute_force_ov_score(model, layer: int, head: int) -> float:
     w_v = blk.self_attn.v_proj.weight.double().view(n_kv, dh, d)[kv_head(head, n_heads, n_kv)]
     w_o = blk.self_attn.o_proj.weight.double().view(d, n_heads, dh)[:, head]
     m = w_u @ torch.diag(gain_f * gain_post.double()) @ w_o @ w_v @ torch.diag(gain_in) @ w_e.T
-    lam = torch.linalg.eigvals(m)
+    lam = torch.linalg.eigvals(m.detach())
     return float(lam.real.sum() / lam.abs().sum())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -97,5 +98,8 @@ def test_token_loss_pca_cli(tmp_path):
     assert data["labels"] == ["same-label (r0)", "same-label (r1)", "same-label (r2)"]
     assert data["trajectory"] is True and data["n_positions"] == N_CTX * N_TOK
     assert (out / "token_loss_pca.png").stat().st_size > 1000
+    metrics = pd.read_parquet(out / "metrics.parquet")
+    pc1 = metrics[metrics.metric == "pc1"].set_index("model").value
+    assert [pc1[label] for label in data["labels"]] == pytest.approx([xy[0] for xy in data["coords"]])
     single = CliRunner().invoke(app, ["token-loss-pca", folders[0], "--out", str(out)])
     assert single.exit_code != 0 and "at least two" in str(single.exception)

@@ -122,6 +122,13 @@ class Run:
         import pandas as pd
 
         path = self.folder / "metrics.parquet"
+        if self.kind == "token-loss-pca" and not path.is_file():  # folders written before it had one
+            from conceptprobe.experiments.common import metrics_frame
+            from conceptprobe.measures.token_loss import pca_metrics
+
+            frame = metrics_frame(pca_metrics(self.record), extra=("n",))
+            frame.insert(0, "kind", self.kind)
+            return frame
         if not path.is_file():
             raise ResultError(
                 f"{self.folder} has no metrics.parquet: the run is incomplete; rerun it to finish"

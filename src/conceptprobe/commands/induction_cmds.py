@@ -182,8 +182,14 @@ def token_loss_pca_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the position subset."),
 ) -> None:
     """PCA of per-token loss vectors of several models or checkpoints."""
-    from conceptprobe.measures.token_loss import plot_token_loss_pca, read_token_losses, token_loss_pca
-    from conceptprobe.store import atomic_write_text
+    from conceptprobe.experiments.common import metrics_frame
+    from conceptprobe.measures.token_loss import (
+        pca_metrics,
+        plot_token_loss_pca,
+        read_token_losses,
+        token_loss_pca,
+    )
+    from conceptprobe.store import atomic_write_parquet, atomic_write_text
 
     runs = [read_token_losses(f) for f in folders]
     labels = [r.label for r in runs]
@@ -195,6 +201,7 @@ def token_loss_pca_cmd(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "token_loss_pca.json", json.dumps(result, indent=2, default=str) + "\n")
     plot_token_loss_pca(result, out / "token_loss_pca.png", trajectory=trajectory)
+    atomic_write_parquet(out / "metrics.parquet", metrics_frame(pca_metrics(result), extra=("n",)))
     evr = ", ".join(f"{100 * v:.1f}%" for v in result["explained_variance_ratio"])
     console.print(
         f"{len(runs)} folders, {result['n_positions']} positions ({result['n_contexts']} contexts, "

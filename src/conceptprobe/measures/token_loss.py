@@ -192,3 +192,15 @@ def plot_token_loss_pca(result: dict[str, Any], path: str | Path, trajectory: bo
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def pca_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The long-form metrics rows of a :func:`token_loss_pca` result: each model's coordinates (``pc1``,
+    ``pc2``, ...) and mean loss, with ``n`` the (context, token) positions they rest on."""
+    rows = []
+    n = int(result["n_positions"])
+    for label, xy, loss in zip(result["labels"], result["coords"], result["mean_loss"], strict=True):
+        values = {f"pc{i + 1}": float(v) for i, v in enumerate(xy)} | {"mean_loss": float(loss)}
+        for metric, value in values.items():
+            rows.append({"model": label, "metric": metric, "value": value, "n": n})
+    return rows
