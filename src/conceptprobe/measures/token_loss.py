@@ -9,9 +9,9 @@ To compare folders, contexts are matched by ``doc_id`` (those present in every f
 folder's order), token columns are truncated to the shortest ``n_tokens`` and kept where every folder
 has a finite loss in every matched context; optionally a seeded random subset of ``positions``
 (context, token) pairs is used as the fixed token set. Each folder becomes one vector; PCA (scikit-learn,
-centred, not scaled) gives the coordinates. For checkpoints of one model the positions are the same
-tokens; for models with different tokenizers they are the same documents and token indices but not
-the same text (``same_tokens`` records which).
+centred, not scaled) gives the coordinates. The positions must hold the same tokens in every folder
+(checkpoints of one model, as Olsson et al. used it, or models sharing a tokenizer): across tokenizers the
+same index is different text, so the PCA would separate tokenizers by construction, and it is refused.
 """
 
 from __future__ import annotations
@@ -119,8 +119,19 @@ def align(
     if subset:
         rng = np.random.default_rng(seed)
         pairs = pairs[np.sort(rng.choice(len(pairs), size=positions, replace=False))]
-    matrix = cube[:, pairs[:, 0], pairs[:, 1]]
     same = all(tb.shape == token_blocks[0].shape and (tb == token_blocks[0]).all() for tb in token_blocks[1:])
+    if not same:
+        differ = next(
+            run.label
+            for run, tb in zip(runs, token_blocks, strict=True)
+            if not np.array_equal(tb, token_blocks[0])
+        )
+        raise ValueError(
+            f"{runs[0].label} and {differ} scored different tokens (different tokenizers or corpora), so "
+            "their losses at one index are different text; compare checkpoints of one model, or models "
+            "sharing a tokenizer, run with the same corpus and seed"
+        )
+    matrix = cube[:, pairs[:, 0], pairs[:, 1]]
     meta = {
         "n_contexts": len(docs),
         "n_tokens": int(n_tok),
