@@ -177,6 +177,12 @@ def test_probe_null_exists_only_at_its_chosen_layers():
     assert 2 <= len(probe_null) < 6
     assert len(frame[(frame.metric == "cd_knn_null_p95") & (frame.concept == "all")]) == 6
 
+    none = SuiteSettings(n_permutations=10, probe_permutations=0, n_bootstrap=100)
+    frame = _frame(decodability_suite(X, labels, list(range(6)), settings=none))
+    assert not frame.metric.str.startswith("probe_accuracy_null").any()
+    assert not (frame.metric == "probe_accuracy_p_value").any()
+    assert (frame.metric == "probe_accuracy").sum() >= 6
+
 
 def test_bag_of_words_keeps_words_seen_in_two_documents():
     counts, vocab = bag_of_words([words("a b b"), words("b c"), words("d")])

@@ -469,9 +469,15 @@ def _lbfgs(
         dnorm = _dot(direction, direction).sqrt().clamp_min(1e-30)
         step = torch.where(has_hist, torch.ones_like(dnorm), 1.0 / dnorm) * live
         gd64 = gd.to(torch.float64)
-        for _ in range(max_ls):
+        ok = torch.zeros_like(live)
+        for ls in range(max_ls):
             theta_new = torch.addcmul(theta, step.unsqueeze(-1), direction)
-            f_new, g_new = fun(theta_new, act)
+            if ls == 0:
+                f_new, g_new = fun(theta_new, act)
+            else:  # backtrack only the layers with a fold that failed: the others keep their evaluation
+                redo = (~ok).any(dim=1)
+                f_new, g_new = f_new.clone(), g_new.clone()
+                f_new[redo], g_new[redo] = fun(theta_new[redo], act[redo])
             slack = 1e-6 * f.abs() + 1e-12  # float32 logits: ignore changes below rounding
             ok = (f_new <= f + 1e-4 * step.to(torch.float64) * gd64 + slack) | ~live
             if bool(ok.all()):

@@ -133,6 +133,9 @@ def _measure_group(
             assert knn.neighbours is not None
             null = knn_permutation_null(knn.neighbours, y, s.n_permutations, s.seed)
             null_layers = list(range(len(layers)))
+        elif s.probe_permutations == 0:  # no probe null asked for: no null rows
+            null_layers = []
+            null = np.full((len(layers), 1), np.nan)
         else:
             null_layers = _probe_null_layers(
                 len(layers), s.probe_null_layers, [int(np.argmax(result.overall)), peak.layer_index]
