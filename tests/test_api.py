@@ -148,3 +148,21 @@ def test_token_loss_pca_folders_load_as_long_form_metrics():
     for label, xy in zip(record["labels"], record["coords"], strict=True):
         assert pc1[label] == pytest.approx(xy[0])
     assert (frame.n == record["n_positions"]).all()
+
+
+def test_every_committed_result_folder_loads():
+    """Every result folder committed under results/ loads through load_runs: none is skipped."""
+    import subprocess
+
+    from conceptprobe.results import RECORDS
+
+    root = Path(__file__).parents[1]
+    tracked = subprocess.run(
+        ["git", "ls-files", "results"], cwd=root, capture_output=True, text=True, check=True
+    ).stdout.split()
+    names = {"run.json", *RECORDS} - {"sweep.json"}
+    folders = sorted({(root / p).parent for p in tracked if Path(p).name in names})
+    assert len(folders) > 20
+    frame = cp.load_runs(folders)
+    assert frame.attrs["skipped"] == []
+    assert {"probe", "heads", "icl", "patch", "finetune", "train"} <= set(frame.kind)
