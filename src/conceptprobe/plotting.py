@@ -54,7 +54,7 @@ def concept_colors(concepts: Sequence[str]) -> dict[str, object]:
 
 
 LAYER_AXIS = "layer (residual stream; 0 = embeddings, i = output of block i-1)"
-SURFACE = "#d9822b"
+SURFACE = "0.1"  # near-black, dash-dot: no model colour (tab10) can be mistaken for it
 NULL_BAND = "0.55"
 
 

@@ -272,7 +272,7 @@ def layers_with_controls(
 ) -> Figure:
     """Per model (rows) and shots (columns): k-NN decodability per layer with its bootstrap band, the probe,
     the label-permutation null (grey band, mean to 95th percentile) and the strongest surface baseline
-    (orange line and band), the held-out peak marked."""
+    (black dash-dot line and band), the held-out peak marked."""
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             len(models),
@@ -305,8 +305,8 @@ def layers_with_controls(
                     sv = float(t["surface"].iloc[0])
                     slo = float(t["surface_lo"].iloc[0]) if "surface_lo" in t else sv
                     shi = float(t["surface_hi"].iloc[0]) if "surface_hi" in t else sv
-                    ax.axhspan(slo, shi, color=SURFACE, alpha=0.18, lw=0)
-                    ax.axhline(sv, color=SURFACE, lw=1.1)
+                    ax.axhspan(slo, shi, color=SURFACE, alpha=0.10, lw=0)
+                    ax.axhline(sv, color=SURFACE, lw=1.1, ls="-.")
                 c_lo, c_hi = _col(w, "cd_knn_ci_low"), _col(w, "cd_knn_ci_high")
                 if np.isfinite(c_hi).any():
                     ax.fill_between(x, c_lo, c_hi, color=colors[m], alpha=0.25, lw=0)
@@ -327,7 +327,7 @@ def layers_with_controls(
             Line2D([], [], color="0.2", lw=1.6),
             Line2D([], [], color="0.2", lw=1.0, ls="--"),
             Line2D([], [], color=NULL_BAND, lw=6, alpha=0.5),
-            Line2D([], [], color=SURFACE, lw=1.1),
+            Line2D([], [], color=SURFACE, lw=1.1, ls="-."),
             Line2D([], [], ls="", marker="o", ms=5, color="0.6", mec="black"),
         ]
         labels = [

@@ -62,9 +62,9 @@ CAPTIONS = {
         "Each panel: leave-one-out {k}-NN decodability of all {n} concepts per layer (solid; band: 95% "
         "bootstrap interval over prompts), the logistic probe (dashed), the label-permutation null (grey band "
         "from its mean to its 95th percentile: what the same measure gives when labels carry nothing), and the "
-        "strongest surface baseline (orange line and band: the same classifiers on a model-free reading of "
+        "strongest surface baseline (black dash-dot line and band: the same classifiers on a model-free reading of "
         "the prompt). The dot marks the held-out peak (layer chosen on half the prompts, value from the other "
-        "half). Decodability above the orange line is what the residual stream adds to the prompt's surface."
+        "half). Decodability above the dash-dot line is what the residual stream adds to the prompt's surface."
     ),
     "concepts": (
         "Recall of each concept per layer (leave-one-out k-NN over all concepts); null is grey. Concepts near "
