@@ -136,10 +136,23 @@ def test_small_n_works_with_fewer_folds(tiny, tmp_path):
     assert result.metrics.query("metric == 'probe_accuracy' and concept == 'all'")["value"].notna().all()
 
 
-def test_token_loss_pca_folders_load_as_long_form_metrics():
-    """The committed token-loss PCA (written before it had a metrics.parquet) reads from its record."""
-    folder = Path(__file__).parents[1] / "results" / "token-loss-pca"
-    record = json.loads((folder / "token_loss_pca.json").read_text())
+def test_token_loss_pca_folders_load_as_long_form_metrics(tmp_path):
+    """A token-loss PCA folder written before it had a metrics.parquet reads from its record; a training
+    folder that holds its checkpoints' PCA stays a training folder."""
+    train = Path(__file__).parents[1] / "results" / "train-induction-cpu"
+    from conceptprobe.results import kind_of
+
+    assert kind_of(train) == "train"
+    folder = tmp_path / "pca"
+    folder.mkdir()
+    record = {
+        "labels": ["step100", "step200", "step400"],
+        "coords": [[-1.5, 0.2], [0.1, -0.4], [1.4, 0.2]],
+        "mean_loss": [3.1, 2.4, 1.9],
+        "explained_variance_ratio": [0.9, 0.1],
+        "n_positions": 640,
+    }
+    (folder / "token_loss_pca.json").write_text(json.dumps(record))
     frame = cp.load_runs([folder])
     assert frame.attrs["skipped"] == []
     assert set(frame.kind) == {"token-loss-pca"}

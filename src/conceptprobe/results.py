@@ -36,11 +36,11 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-RECORDS = {
+RECORDS = {  # in order of precedence: a training folder also holds its checkpoints' token_loss_pca.json
+    "train.json": "train",
     "icl.json": "icl",
     "heads.json": "heads",
     "token_loss_pca.json": "token-loss-pca",
-    "train.json": "train",
     "sweep.json": "sweep",
 }
 KINDS = ("probe", "patch", "finetune", "icl", "heads", "token-loss-pca", "train", "sweep")
