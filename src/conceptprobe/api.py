@@ -80,3 +80,14 @@ def head_scores(config: Any, out: str | Path | None = None, **kwargs: Any) -> An
     from conceptprobe.experiments.heads import head_scores as measure
 
     return measure(_config(HeadsConfig, config), out, **kwargs)
+
+
+def ablate(config: Any, out: str | Path | None = None, **kwargs: Any) -> Any:
+    """Head ablation: the top-k induction heads against random control heads
+    (:class:`~conceptprobe.experiments.ablation.AblationConfig`); ICL score, concept-task accuracy and
+    decodability per condition, with intervals. Keywords go to
+    :func:`conceptprobe.experiments.ablation.ablate` (``loaded``, ``tasks_dir``, ``progress``)."""
+    from conceptprobe.experiments.ablation import AblationConfig
+    from conceptprobe.experiments.ablation import ablate as measure
+
+    return measure(_config(AblationConfig, config), out, **kwargs)

@@ -1,5 +1,6 @@
 """The residual-stream hooks: capture (:class:`ResidualCapture`), patching (:class:`ResidualPatch`) and the
-one primitive both use (:func:`on_layer`), also used by training and head ablation.
+one primitive both use (:func:`on_layer`), also used by training; and head ablation (:class:`HeadAblation`,
+:func:`head_output_means`), which hooks the input of each block's attention output projection.
 
 Layer numbering (the same everywhere in conceptprobe): layer 0 is the input of the first decoder
 layer (the token embeddings, after any embedding scaling, e.g. Gemma's sqrt(d)); layer i >= 1 is the
@@ -225,3 +226,146 @@ class ResidualPatch:
             self._handle.remove()
             self._handle = None
         self.disarm()
+
+
+# ------------------------------------------------------------------ attention heads
+
+
+def _o_proj(block: nn.Module) -> nn.Linear:
+    attn = getattr(block, "self_attn", None)
+    proj = getattr(attn, "o_proj", None)
+    if not isinstance(proj, nn.Linear):
+        raise ValueError(
+            f"decoder block {type(block).__name__} has no self_attn.o_proj; head ablation supports the "
+            "llama, mistral, qwen2, gemma2 and gemma3 layouts"
+        )
+    return proj
+
+
+def head_layout(model: nn.Module) -> tuple[int, int, int]:
+    """``(n_blocks, n_heads, head_dim)`` of the query heads, checked against the output projection's width."""
+    blocks = decoder_layers(model)
+    n_heads = int(model.config.num_attention_heads)
+    width = _o_proj(blocks[0]).in_features
+    if width % n_heads:
+        raise ValueError(f"o_proj input width {width} is not a multiple of the {n_heads} attention heads")
+    return len(blocks), n_heads, width // n_heads
+
+
+def check_heads(model: nn.Module, heads: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``heads`` as ``(block, head)`` int pairs, each checked against the model (one-line ValueError)."""
+    n_blocks, n_heads, _ = head_layout(model)
+    out = []
+    for item in heads:
+        block, head = (int(v) for v in item)
+        if not (0 <= block < n_blocks and 0 <= head < n_heads):
+            raise ValueError(
+                f"head L{block}H{head} is out of range: this model has blocks 0..{n_blocks - 1} and heads "
+                f"0..{n_heads - 1}; take heads from this model's heads.json (conceptprobe heads --model ...)"
+            )
+        out.append((block, head))
+    if len(set(out)) != len(out):
+        raise ValueError(f"heads list has duplicates: {out}")
+    return out
+
+
+class HeadAblation:
+    """Zero- or mean-ablate attention heads: a forward pre-hook on each chosen block's ``self_attn.o_proj``
+    overwrites the head's slice ``[head * d_head, (head + 1) * d_head)`` of the concatenated head outputs
+    before the output projection, in every forward pass (prefill and each decoding step).
+
+    Heads are ``(block, head)`` query heads (under grouped-query attention each query head has its own
+    slice). ``mode="mean"`` needs ``means``: a ``[n_blocks, n_heads, d_head]`` tensor (see
+    :func:`head_output_means`). Use as a context manager; the hooks are removed on exit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        heads: Sequence[tuple[int, int]],
+        mode: Literal["zero", "mean"] = "zero",
+        means: torch.Tensor | None = None,
+    ) -> None:
+        if mode not in ("zero", "mean"):
+            raise ValueError(f"mode must be 'zero' or 'mean', got {mode!r}")
+        self.blocks = decoder_layers(model)
+        self.heads = check_heads(model, heads)
+        self.n_blocks, self.n_heads, self.head_dim = head_layout(model)
+        if mode == "mean":
+            want = (self.n_blocks, self.n_heads, self.head_dim)
+            if means is None or tuple(means.shape) != want:
+                got = None if means is None else tuple(means.shape)
+                raise ValueError(
+                    f"mode 'mean' needs means of shape {want} (head_output_means(model, ...)), got {got}"
+                )
+        self.mode = mode
+        self.means = means
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, block: int, heads: list[int]) -> Callable[..., Any]:
+        d = self.head_dim
+
+        def pre(module: nn.Module, args: tuple) -> Any:
+            x = args[0].clone()
+            for h in heads:
+                if self.mode == "zero":
+                    x[..., h * d : (h + 1) * d] = 0
+                else:
+                    assert self.means is not None
+                    x[..., h * d : (h + 1) * d] = self.means[block, h].to(x.device, x.dtype)
+            return (x, *args[1:])
+
+        return pre
+
+    def __enter__(self) -> HeadAblation:
+        by_block: dict[int, list[int]] = {}
+        for block, head in self.heads:
+            by_block.setdefault(block, []).append(head)
+        self._handles = [
+            _o_proj(self.blocks[b]).register_forward_pre_hook(self._hook(b, hs)) for b, hs in by_block.items()
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@torch.inference_mode()
+def head_output_means(
+    model: nn.Module, input_ids: torch.Tensor, batch_size: int = 4, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The mean of every head's output before the output projection, ``[n_blocks, n_heads, d_head]``
+    (float32, CPU), over every non-padding token of ``input_ids`` ``[n, T]``: the reference of mean ablation."""
+    n_blocks, n_heads, d = head_layout(model)
+    blocks = decoder_layers(model)
+    sums = torch.zeros(n_blocks, n_heads * d, dtype=torch.float64)
+    count = [0]
+    mask_now: list[torch.Tensor] = []
+
+    def keeper(block: int) -> Callable[..., None]:
+        def pre(module: nn.Module, args: tuple) -> None:
+            x = args[0].float()
+            m = mask_now[0].to(x.device, x.dtype).unsqueeze(-1)
+            sums[block] += (x * m).sum(dim=(0, 1)).double().cpu()
+
+        return pre
+
+    handles = [_o_proj(blocks[b]).register_forward_pre_hook(keeper(b)) for b in range(n_blocks)]
+    device = next(model.parameters()).device
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            ids = input_ids[start : start + batch_size].to(device)
+            mask = (
+                torch.ones_like(ids)
+                if attention_mask is None
+                else attention_mask[start : start + batch_size].to(device)
+            )
+            mask_now[:] = [mask]
+            model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=1)
+            count[0] += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / max(count[0], 1)).float().view(n_blocks, n_heads, d)

@@ -9,6 +9,7 @@ kind                      record                         written by
 ``patch``, ``finetune``   ``run.json`` with ``kind``     ``conceptprobe patch`` / ``finetune``
 ``icl``                   ``icl.json``                   ``conceptprobe icl-score`` / ``icl_score``
 ``heads``                 ``heads.json``                 ``conceptprobe heads`` / ``head_scores``
+``ablation``              ``ablation.json``              ``conceptprobe ablate`` / ``ablate``
 ``token-loss-pca``        ``token_loss_pca.json``        ``conceptprobe token-loss-pca``
 ``train``                 ``train.json``                 ``conceptprobe train``
 ``sweep``                 ``sweep.json``                 ``conceptprobe sweep`` (a folder of runs)
@@ -40,10 +41,11 @@ RECORDS = {  # in order of precedence: a training folder also holds its checkpoi
     "train.json": "train",
     "icl.json": "icl",
     "heads.json": "heads",
+    "ablation.json": "ablation",
     "token_loss_pca.json": "token-loss-pca",
     "sweep.json": "sweep",
 }
-KINDS = ("probe", "patch", "finetune", "icl", "heads", "token-loss-pca", "train", "sweep")
+KINDS = ("probe", "patch", "finetune", "icl", "heads", "ablation", "token-loss-pca", "train", "sweep")
 
 
 class ResultError(ValueError):

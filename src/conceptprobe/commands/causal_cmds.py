@@ -1,4 +1,4 @@
-"""CLI commands for the causal tests: concept-vector patching and layer-restricted LoRA finetuning.
+"""CLI commands for the causal tests: concept-vector patching, layer-restricted LoRA finetuning, head ablation.
 
 ``conceptprobe patch --model M --task T [--layers peak|all|L1,L2] [--mode add|replace] [--seeds 5] [--n 20]``
     -> metrics.parquet, per_seed.parquet, predictions.jsonl, run.json, patch_heatmap.png, patch_cross.png in
@@ -6,6 +6,9 @@
 ``conceptprobe finetune --model M --task T --layers first:10 --compare last:10 [--steps 100]``
     -> metrics.parquet, run.json, table.md, finetune.png, adapters/<spec>/ (safetensors) and one run folder
     per condition in ``--out`` (default ``results/causal/<model>_<task>_<k>shot_finetune``).
+``conceptprobe ablate --model M --heads-folder results/heads/M [--k 5] [--draws 5] [--tasks bitwise,pos]``
+    -> ablation.json, metrics.parquet, predictions.jsonl, ablation.png in ``--out`` (default
+    ``results/ablation/<model>_<mode>``).
 """
 
 from __future__ import annotations
@@ -175,7 +178,57 @@ def finetune_cmd(
     console.print(f"results: {folder}")
 
 
+def ablate_cmd(
+    model: str = typer.Option(..., "--model", "-m", help="Packaged alias, .gguf file, folder or hub id."),
+    heads_folder: Path | None = typer.Option(
+        None, "--heads-folder", help="Folder of `conceptprobe heads` for this model [scored here]."
+    ),
+    heads: str | None = typer.Option(None, "--heads", help="Explicit heads instead, e.g. L3H1,L4H0."),
+    k: int | None = typer.Option(None, "--k", help="Top-k heads of the ranking to ablate [5]."),
+    control: str | None = typer.Option(None, "--control", help="random | layer-matched [random]."),
+    draws: int | None = typer.Option(None, "--draws", help="Random control sets [5]."),
+    mode: str | None = typer.Option(None, "--mode", help="zero | mean [zero]."),
+    tasks: str | None = typer.Option(None, "--tasks", help="Comma-separated concept tasks [bitwise,pos]."),
+    shots: int | None = typer.Option(None, "--shots", help="Demonstrations per prompt [4]."),
+    n: int | None = typer.Option(None, "--n", help="Prompts per concept [20]."),
+    n_contexts: int | None = typer.Option(None, "--n-contexts", help="ICL-score contexts [16]."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, contexts, draws, bootstrap [0]."),
+    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Result folder [results/ablation/...]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
+    tasks_dir: Path | None = typer.Option(None, "--tasks-dir", help="Folder of task plugins."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads [torch's default]."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
+) -> None:
+    """Ablate the top-k induction heads and k random control heads; ICL score, accuracy, decodability."""
+    from pydantic import ValidationError
+
+    from conceptprobe.config import ConfigError, format_validation_error
+    from conceptprobe.experiments.ablation import AblationConfig, ablate, summary_table
+
+    given = dict(
+        model=model, heads_folder=str(heads_folder) if heads_folder else None, k=k, control=control, draws=draws,
+        mode=mode, shots=shots, n=n, n_contexts=n_contexts, seed=seed, dtype=dtype, batch_size=batch_size,
+        threads=threads, heads=[h.strip() for h in heads.split(",") if h.strip()] if heads else None,
+        tasks=[t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None,
+    )  # fmt: skip
+    try:
+        cfg = AblationConfig.model_validate({key: v for key, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "ablate options")) from None
+    folder = out or Path("results") / "ablation" / f"{_slug(model)}_{cfg.mode}"
+    _check_out(folder, overwrite)
+    result = ablate(cfg, folder, tasks_dir=tasks_dir, progress=not no_progress)
+    console.print(
+        f"ablated {', '.join(result.record['ablated'])}; control sets {result.record['control_sets']}"
+    )
+    console.print(summary_table(result.record), highlight=False, markup=False)
+    console.print(f"results: {folder}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``patch`` and ``finetune`` to ``app``."""
+    """Add ``patch``, ``finetune`` and ``ablate`` to ``app``."""
     app.command("patch")(patch_cmd)
     app.command("finetune")(finetune_cmd)
+    app.command("ablate")(ablate_cmd)

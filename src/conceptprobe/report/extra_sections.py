@@ -1,8 +1,10 @@
-"""The report's extra sections: ICL score and induction heads; causal tests (patching, finetuning).
+"""The report's extra sections: ICL score and induction heads; causal tests (patching, finetuning, head
+ablation).
 
 :func:`build_sections` turns what :func:`conceptprobe.report.extras.find_extras` found into sections of
 headings, tables and figures; :func:`section_html` and :func:`section_markdown` render one. Every number in a
-table is a value of an ``icl.json``, ``heads.json``, ``token_loss_pca.json`` or ``metrics.parquet``, shown
+table is a value of an ``icl.json``, ``heads.json``, ``token_loss_pca.json``, ``ablation.json`` or
+``metrics.parquet``, shown
 rounded; the exact value rides along in the cell's ``data-value``.
 """
 
@@ -19,6 +21,7 @@ import conceptprobe.report.extra_figures as XF
 from conceptprobe.plotting import to_png
 from conceptprobe.report.extras import (
     PATCH_CONDITIONS,
+    AblationResult,
     Extras,
     InterventionResult,
     finetune_conditions,
@@ -459,6 +462,89 @@ def _finetune_table(r: InterventionResult) -> Table:
     return Table("finetune", columns, rows, row_attrs, left=("condition", "layers"), attrs=attrs)
 
 
+def _ablation_table(r: AblationResult) -> Table:
+    """Rows: baseline, induction, control; a column per measure. Baseline and induction cells: value [95%
+    CI]; control: mean ± std over draws (``ablation.json``'s summary)."""
+    from conceptprobe.experiments.ablation import CONDITIONS, measure_name
+
+    entries = list(r.data.get("summary") or [])
+    columns = [("condition", "condition"), ("heads", "heads ablated")]
+    columns += [(f"m{i}", measure_name(e["task"], e["metric"])) for i, e in enumerate(entries)]
+    draws = [c for c in r.data.get("conditions", []) if c.get("condition") == "control"]
+    heads = {
+        "baseline": "none",
+        "induction": ", ".join(r.data.get("ablated") or []),
+        "control": f"{len(draws)} draws of {len(r.data.get('ablated') or [])} "
+        f"({r.data.get('config', {}).get('control', '?')})",
+    }
+    rows = []
+    for cond in CONDITIONS:
+        row = {"condition": Cell(cond), "heads": Cell(heads[cond])}
+        for i, e in enumerate(entries):
+            cell = e.get(cond)
+            if not cell:
+                row[f"m{i}"] = Cell("–")
+            elif cond == "control":
+                row[f"m{i}"] = _pm(cell["value"], float(cell.get("std", float("nan"))), sign=False)
+            else:
+                lo, hi = cell["ci"]
+                row[f"m{i}"] = Cell(
+                    f"{_f(cell['value'])} [{_f(lo)}, {_f(hi)}]",
+                    float(cell["value"]),
+                    {"data-lo": repr(float(lo)), "data-hi": repr(float(hi))},
+                )
+        rows.append(row)
+    attrs = {"data-model": r.model, "data-folder": r.folder.name}
+    return Table(
+        "ablation", columns, rows, [{"data-condition": c} for c in CONDITIONS], ("condition", "heads"), attrs
+    )
+
+
+def _ablation_blocks(ex: Extras) -> list[Table | ExtraFigure | Text]:
+    from conceptprobe.experiments.ablation import ablation_figure
+
+    order = {m: i for i, m in enumerate(ex.models())}
+    blocks: list[Table | ExtraFigure | Text] = [Text("h3", "Head ablation")]
+    blocks.append(
+        Text(
+            "p",
+            "The top-k induction heads (both scores over their thresholds first, then by prefix matching) are "
+            "ablated before the attention output projection, against k random control heads over several "
+            "draws. Baseline and induction cells: value [95% bootstrap CI over contexts or prompts]; control: "
+            "mean ± std over draws. Decodability (cd_knn) is read at the unablated run's held-out peak layer.",
+        )
+    )
+    for r in sorted(ex.ablation, key=lambda r: (order.get(r.model, 0), r.folder.name)):
+        cfg = r.data.get("config") or {}
+        blocks.append(
+            Text(
+                "h4",
+                f"{r.model} · {cfg.get('mode', '?')}-ablation of {len(r.data.get('ablated') or [])} heads",
+            )
+        )
+        blocks.append(_ablation_table(r))
+        key = "causal_ablation_" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in r.folder.name)
+        fig = ablation_figure(r.data, r.model)
+        blocks.append(
+            ExtraFigure(
+                key,
+                f"Head ablation: {r.model}",
+                "Bars: baseline, the ablated induction heads and the control (dots: each draw); whiskers: 95% "
+                "bootstrap intervals (baseline, induction) and ± std over draws (control).",
+                to_png(fig),
+            )
+        )
+        blocks.append(
+            Text(
+                "p",
+                f"{r.folder.name}: {cfg.get('n_contexts', '?')} ICL-score contexts; {cfg.get('shots', '?')}-shot "
+                f"tasks with {cfg.get('n', '?')} prompts per concept; seed {cfg.get('seed', '?')}; heads from "
+                f"{r.data.get('heads_source', '?')}.",
+            )
+        )
+    return blocks
+
+
 def _causal_section(ex: Extras, colors: dict[str, tuple]) -> ExtraSection:
     blocks: list[Table | ExtraFigure | Text] = []
     order = {m: i for i, m in enumerate(ex.models())}
@@ -519,6 +605,8 @@ def _causal_section(ex: Extras, colors: dict[str, tuple]) -> ExtraSection:
                     f"{cfg.get('n', '?')} evaluation prompts per concept, seed {r.record.get('eval_seed', '?')}.",
                 )
             )
+    if ex.ablation:
+        blocks += _ablation_blocks(ex)
     return ExtraSection("causal", SECTION_TITLES["causal"], blocks)
 
 
@@ -538,7 +626,7 @@ def extra_facts(ex: Extras) -> list[tuple[str, str]]:
     sizes: dict[str, int] = {}
     vers: dict[str, set[str]] = {}
     gits: set[str] = set()
-    for r in [*ex.icl, *ex.heads, *ex.patch, *ex.finetune]:
+    for r in [*ex.icl, *ex.heads, *ex.patch, *ex.finetune, *ex.ablation]:
         sizes.setdefault(r.model, r.n_params)
         data = getattr(r, "data", None) or getattr(r, "record", {})
         for k, v in (data.get("versions") or {}).items():

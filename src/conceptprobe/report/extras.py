@@ -3,6 +3,7 @@
 - ``icl.json`` (``conceptprobe icl-score``): ICL score with its interval, windowed score, loss curve.
 - ``heads.json`` (``conceptprobe heads``): prefix-matching and copying scores per layer and head.
 - ``token_loss_pca.json`` (``conceptprobe token-loss-pca``): PCA coordinates of per-token loss vectors.
+- ``ablation.json`` (``conceptprobe ablate``): head ablation, per condition and measure with intervals.
 - ``run.json`` with ``kind: patch`` (:mod:`conceptprobe.interventions.patching`) and ``kind: finetune``
   (:mod:`conceptprobe.interventions.finetune`), each with its ``metrics.parquet``.
 
@@ -23,7 +24,8 @@ import pandas as pd
 from conceptprobe.report.collect import INTERVENTION_KINDS, ReportError, find_run_folders, model_label
 
 ICL_FILE, HEADS_FILE, PCA_FILE = "icl.json", "heads.json", "token_loss_pca.json"
-MARKERS = (ICL_FILE, HEADS_FILE, PCA_FILE, "run.json")
+ABLATION_FILE = "ablation.json"
+MARKERS = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE, "run.json")
 
 
 @dataclass
@@ -60,6 +62,14 @@ class HeadsResult:
     @property
     def top(self) -> list[dict[str, Any]]:
         return list(self.data.get("top_heads") or [])
+
+
+@dataclass
+class AblationResult:
+    folder: Path
+    model: str
+    n_params: int
+    data: dict[str, Any]  # ablation.json as written
 
 
 @dataclass
@@ -107,6 +117,7 @@ class Extras:
     pca: list[PcaResult] = field(default_factory=list)
     patch: list[InterventionResult] = field(default_factory=list)
     finetune: list[InterventionResult] = field(default_factory=list)
+    ablation: list[AblationResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -115,7 +126,7 @@ class Extras:
 
     @property
     def has_causal(self) -> bool:
-        return bool(self.patch or self.finetune)
+        return bool(self.patch or self.finetune or self.ablation)
 
     def __bool__(self) -> bool:
         return self.has_icl or self.has_causal
@@ -126,14 +137,15 @@ class Extras:
         if root.is_file():
             root = root.parent
         folders = [
-            r.folder.resolve() for r in [*self.icl, *self.heads, *self.pca, *self.patch, *self.finetune]
+            r.folder.resolve()
+            for r in [*self.icl, *self.heads, *self.pca, *self.patch, *self.finetune, *self.ablation]
         ]
         return any(f == root or root in f.parents for f in folders)
 
     def models(self) -> list[str]:
         """Model labels in order of size (then name)."""
         sizes: dict[str, int] = {}
-        for r in [*self.icl, *self.heads, *self.patch, *self.finetune]:
+        for r in [*self.icl, *self.heads, *self.patch, *self.finetune, *self.ablation]:
             sizes.setdefault(r.model, r.n_params)
         return sorted(sizes, key=lambda m: (sizes[m], m))
 
@@ -144,6 +156,7 @@ class Extras:
             f"{len(self.pca)} token-loss PCA" if self.pca else "",
             f"{len(self.patch)} patching" if self.patch else "",
             f"{len(self.finetune)} finetuning" if self.finetune else "",
+            f"{len(self.ablation)} head ablation" if self.ablation else "",
         ]
         return ", ".join(p for p in parts if p)
 
@@ -247,17 +260,26 @@ def find_extras(paths: list[str | Path] | tuple[str | Path, ...]) -> Extras:
                 ex.heads.append(
                     HeadsResult(folder, model_label(model), int(model.get("n_params") or 0), data)
                 )
+            elif marker.name == ABLATION_FILE:
+                if data.get("kind") != "ablation" or not data.get("summary"):
+                    ex.skipped.append(f"{marker}: not a head-ablation result")
+                    continue
+                model = data.get("model") or {}
+                ex.ablation.append(
+                    AblationResult(folder, model_label(model), int(model.get("n_params") or 0), data)
+                )
             elif marker.name == PCA_FILE:
                 if not {"labels", "coords", "explained_variance_ratio"} <= data.keys():
                     ex.skipped.append(f"{marker}: not a token-loss PCA result")
                     continue
                 ex.pca.append(PcaResult(folder, data))
-    for group in (ex.icl, ex.heads, ex.patch, ex.finetune):
+    for group in (ex.icl, ex.heads, ex.patch, ex.finetune, ex.ablation):
         group.sort(key=lambda r: (r.n_params, r.model, str(r.folder)))
     _unique_labels(ex.icl)
     _unique_labels(ex.heads)
     _unique_labels(ex.patch, lambda r: (r.task, r.shots, r.mode, len(patch_layers(r)) > 1))
     _unique_labels(ex.finetune, lambda r: (r.task, r.shots))
+    _unique_labels(ex.ablation)
     ex.pca.sort(key=lambda r: str(r.folder))
     for p in ex.pca:
         p.labels = _pca_labels(p, ex.icl)
@@ -284,13 +306,13 @@ def split_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list[
     if not paths:
         raise ReportError("no paths given; pass run folders or a sweep's output folder")
     extras = find_extras(paths)
-    result_files = (ICL_FILE, HEADS_FILE, PCA_FILE)  # a path may name one of these files
+    result_files = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE)  # a path may name one of these files
     probe = [p for p in paths if not (Path(p).name in result_files and Path(p).is_file())]
     probe = [p for p in probe if find_run_folders(p)]
     for p in paths:
         if p not in probe and not extras.under(p):
             raise ReportError(
-                f"no run folders (run.json) or results (icl.json, heads.json, token_loss_pca.json, patching "
+                f"no run folders (run.json) or results (icl.json, heads.json, token_loss_pca.json, ablation.json, patching "
                 f"or finetuning run.json) under {p}; pass a run, sweep or result folder"
             )
     return probe, extras
@@ -366,6 +388,7 @@ def finetune_row(r: InterventionResult, condition: str) -> dict[str, float]:
 
 
 __all__ = [
+    "AblationResult",
     "Extras",
     "HeadsResult",
     "IclResult",
