@@ -169,6 +169,26 @@ def test_stratified_folds_are_balanced_and_seeded() -> None:
     assert not np.array_equal(ids, stratified_fold_ids(labels, folds=5, seed=1))
 
 
+@pytest.mark.parametrize("case", range(12))
+def test_stratified_folds_equal_scikit_learn(case: int) -> None:
+    """The same folds as StratifiedKFold(shuffle=True), without importing scikit-learn at run time: uneven
+    classes, labels out of order, several seeds and fold counts."""
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(case)
+    n_classes, folds = int(rng.integers(2, 8)), int(rng.integers(2, 7))
+    sizes = rng.integers(folds, 40, size=n_classes)
+    labels = [f"k{c}" for c, size in zip(rng.permutation(n_classes), sizes, strict=True) for _ in range(size)]
+    labels = [labels[i] for i in rng.permutation(len(labels))]
+    ref = np.empty(len(labels), dtype=np.int64)
+    split = StratifiedKFold(n_splits=folds, shuffle=True, random_state=case).split(
+        np.zeros(len(labels)), labels
+    )
+    for f, (_, test) in enumerate(split):
+        ref[test] = f
+    np.testing.assert_array_equal(stratified_fold_ids(labels, folds=folds, seed=case), ref)
+
+
 # (f) input validation ------------------------------------------------------------------------------------------
 
 

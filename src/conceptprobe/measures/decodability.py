@@ -282,10 +282,13 @@ def knn_decodability(
 
 
 def stratified_fold_ids(labels: Sequence[str], folds: int = 5, seed: int = 0) -> np.ndarray:
-    """Fold index (0..folds-1) of each point: scikit-learn's ``StratifiedKFold(folds, shuffle=True,
-    random_state=seed)``, so the same folds can be rebuilt there."""
-    from sklearn.model_selection import StratifiedKFold
+    """Fold index (0..folds-1) of each point: the assignment of scikit-learn's ``StratifiedKFold(folds,
+    shuffle=True, random_state=seed)`` (tested equal), computed here so a run need not import scikit-learn.
 
+    Classes are numbered by first appearance; the sorted labels are dealt round-robin to the folds to fix how
+    many points of each class each fold gets; then, class by class, that list of fold slots is shuffled by one
+    ``RandomState(seed)`` and given to the class's points in order.
+    """
     y, classes = _encode_labels(labels, len(labels))
     if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
         raise ValueError(f"folds must be an integer >= 2; got {folds!r}")
@@ -293,10 +296,18 @@ def stratified_fold_ids(labels: Sequence[str], folds: int = 5, seed: int = 0) ->
     if counts.min() < folds:
         small = classes[int(np.argmin(counts))]
         raise ValueError(f"class {small!r} has only {counts.min()} points; need at least folds={folds}")
+    codes, first = np.unique(y, return_index=True)
+    rank = np.empty(int(codes.max()) + 1, dtype=np.int64)
+    rank[codes[np.argsort(first)]] = np.arange(len(codes))
+    by_appearance = rank[y]
+    dealt = np.sort(by_appearance)
+    per_fold = np.stack([np.bincount(dealt[f::folds], minlength=len(codes)) for f in range(folds)])
+    rng = np.random.RandomState(seed)
     fold_ids = np.empty(len(y), dtype=np.int64)
-    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    for f, (_, test) in enumerate(skf.split(np.zeros(len(y)), y)):
-        fold_ids[test] = f
+    for k in range(len(codes)):
+        slots = np.repeat(np.arange(folds), per_fold[:, k])
+        rng.shuffle(slots)
+        fold_ids[by_appearance == k] = slots
     return fold_ids
 
 
