@@ -10,7 +10,7 @@ The public API, imported lazily (``import conceptprobe`` loads neither torch nor
     got = cp.capture(cp.load_model("smollm2-135m"), ["Input: 1 1\\nOutput:"], layers=[21])
 
 Experiments: :func:`run`, :func:`sweep`, :func:`icl_score`, :func:`head_scores`, :func:`patch`,
-:func:`finetune`, :func:`ablate`, :func:`capture`. Results: :func:`load_run`, :func:`load_runs`. Models and tasks:
+:func:`finetune`, :func:`ablate`, :func:`checkpoint_sweep`, :func:`capture`. Results: :func:`load_run`, :func:`load_runs`. Models and tasks:
 :func:`load_model`, :func:`get_task`, :func:`register_task`, :func:`build_prompts`. Measures:
 :func:`knn_decodability`, :func:`probe_accuracy`, :func:`decodability_suite`, :func:`surface_features`,
 :func:`bootstrap_interval`, :func:`knn_permutation_null`, :func:`heldout_peak`.
@@ -32,6 +32,7 @@ _API: dict[str, tuple[str, str]] = {
     "icl_score": ("conceptprobe.api", "icl_score"),
     "head_scores": ("conceptprobe.api", "head_scores"),
     "ablate": ("conceptprobe.api", "ablate"),
+    "checkpoint_sweep": ("conceptprobe.api", "checkpoint_sweep"),
     "capture": ("conceptprobe.experiments.capture", "capture"),
     # their configs
     "RunConfig": ("conceptprobe.config", "RunConfig"),
@@ -39,6 +40,7 @@ _API: dict[str, tuple[str, str]] = {
     "IclScoreConfig": ("conceptprobe.experiments.icl", "IclScoreConfig"),
     "HeadsConfig": ("conceptprobe.experiments.heads", "HeadsConfig"),
     "AblationConfig": ("conceptprobe.experiments.ablation", "AblationConfig"),
+    "CheckpointSweepConfig": ("conceptprobe.experiments.checkpoint_config", "CheckpointSweepConfig"),
     "PatchConfig": ("conceptprobe.interventions.patching", "PatchConfig"),
     "FinetuneConfig": ("conceptprobe.interventions.finetune", "FinetuneConfig"),
     # results

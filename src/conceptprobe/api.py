@@ -91,3 +91,32 @@ def ablate(config: Any, out: str | Path | None = None, **kwargs: Any) -> Any:
     from conceptprobe.experiments.ablation import ablate as measure
 
     return measure(_config(AblationConfig, config), out, **kwargs)
+
+
+def checkpoint_sweep(
+    config: Any, out: str | Path | None = None, *, report: bool = True, **kwargs: Any
+) -> Any:
+    """A sweep over training checkpoints
+    (:class:`~conceptprobe.experiments.checkpoint_config.CheckpointSweepConfig`, a mapping of its fields or
+    the path of its YAML): head scores, ICL score and concept tasks at every checkpoint, keyed by step.
+
+    With ``out`` the folder also gets ``report.html``, ``report.md`` and ``figures/`` (``report=False``
+    skips them); rerunning into it skips the checkpoints already measured. Keywords go to
+    :func:`conceptprobe.experiments.checkpoints.checkpoint_sweep` (``tasks_dir``, ``progress``, ``log``)."""
+    from conceptprobe.experiments.checkpoint_config import CheckpointSweepConfig, load_checkpoint_config
+    from conceptprobe.experiments.checkpoints import checkpoint_sweep as measure
+
+    if isinstance(config, (str, Path)):
+        cfg = load_checkpoint_config(config)
+    else:
+        cfg = _config(CheckpointSweepConfig, config)
+
+    def call(folder: Path) -> Any:
+        result = measure(cfg, folder, **kwargs)
+        if report and out is not None:
+            from conceptprobe.report import build_report
+
+            build_report([folder], folder / "report.html", umap=False)
+        return result
+
+    return _in_folder(out, call)

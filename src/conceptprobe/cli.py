@@ -298,6 +298,7 @@ def _register_groups() -> None:
     from conceptprobe.commands import (
         capture_cmds,
         causal_cmds,
+        checkpoint_cmds,
         induction_cmds,
         plan_cmds,
         report_cmds,
@@ -305,7 +306,8 @@ def _register_groups() -> None:
         train_cmds,
     )
 
-    for group in (sweep_cmds, report_cmds, plan_cmds, induction_cmds, causal_cmds, train_cmds, capture_cmds):
+    groups = (sweep_cmds, report_cmds, plan_cmds, induction_cmds, causal_cmds, train_cmds, checkpoint_cmds)
+    for group in (*groups, capture_cmds):
         group.register(app)
 
 

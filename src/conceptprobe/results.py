@@ -10,6 +10,7 @@ kind                      record                         written by
 ``icl``                   ``icl.json``                   ``conceptprobe icl-score`` / ``icl_score``
 ``heads``                 ``heads.json``                 ``conceptprobe heads`` / ``head_scores``
 ``ablation``              ``ablation.json``              ``conceptprobe ablate`` / ``ablate``
+``checkpoints``           ``checkpoints.json``           ``conceptprobe checkpoints`` / ``checkpoint_sweep``
 ``token-loss-pca``        ``token_loss_pca.json``        ``conceptprobe token-loss-pca``
 ``train``                 ``train.json``                 ``conceptprobe train``
 ``sweep``                 ``sweep.json``                 ``conceptprobe sweep`` (a folder of runs)
@@ -17,9 +18,11 @@ kind                      record                         written by
 
 Every kind but ``sweep`` has a ``metrics.parquet`` in the same long form (``model, family, n_params, task,
 concept, shots, layer, position, metric, value, seed``, plus kind-specific columns such as ``n`` or
-``head``). :func:`load_runs` stacks the metrics of every folder under some paths, :func:`load_run` opens
-one folder with its metrics, predictions and (for probe runs) activations as ``(X, labels)`` in the order
-``run.json`` records, which is the order the run's own measures used.
+``head``). A checkpoint sweep's rows carry the training ``step``, and so do the rows of a probe run whose
+model was a sweep entry naming a checkpoint (``revision: step1000`` or ``step:``; read from ``run.json``).
+:func:`load_runs` stacks the metrics of every folder under some paths, :func:`load_run` opens one folder
+with its metrics, predictions and (for probe runs) activations as ``(X, labels)`` in the order ``run.json``
+records, which is the order the run's own measures used.
 
 ``layer`` is always the residual-stream index: 0 = the embeddings (input of decoder block 0), i = the
 output of decoder block i-1, before the final norm. Head scores are per decoder block: block b reads
@@ -42,10 +45,22 @@ RECORDS = {  # in order of precedence: a training folder also holds its checkpoi
     "icl.json": "icl",
     "heads.json": "heads",
     "ablation.json": "ablation",
+    "checkpoints.json": "checkpoints",
     "token_loss_pca.json": "token-loss-pca",
     "sweep.json": "sweep",
 }
-KINDS = ("probe", "patch", "finetune", "icl", "heads", "ablation", "token-loss-pca", "train", "sweep")
+KINDS = (
+    "probe",
+    "patch",
+    "finetune",
+    "icl",
+    "heads",
+    "ablation",
+    "checkpoints",
+    "token-loss-pca",
+    "train",
+    "sweep",
+)
 
 
 class ResultError(ValueError):
@@ -142,6 +157,9 @@ class Run:
                 f"{path} is unreadable ({exc.__class__.__name__}); rerun the run to rewrite it"
             ) from None
         frame.insert(0, "kind", self.kind)
+        step = ((self.record.get("model") or {}).get("extra") or {}).get("step")
+        if step is not None and "step" not in frame.columns:  # a sweep's checkpoint (revision step1000)
+            frame["step"] = int(step)
         return frame
 
     @property

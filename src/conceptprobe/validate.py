@@ -277,7 +277,36 @@ def _from_gguf_header(info: ModelRef, header: GGUFHeader) -> None:
     info.config_from = f"GGUF metadata of {info.path}"
 
 
-def _check_folder(ref: str, folder: Path, trust_remote_code: bool) -> ModelRef:
+def _check_training_folder(ref: str, folder: Path, revision: str | None) -> ModelRef:
+    """A ``conceptprobe train`` run or checkpoint folder: its train.json, state.json and weights header."""
+    from conceptprobe.models.errors import ModelLoadError
+    from conceptprobe.models.training_checkpoint import WEIGHTS, resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(folder, revision)
+    except ModelLoadError as exc:
+        raise ConfigError(f"model {ref}: {exc}") from None
+    arch = ckpt.model.get("arch", "gpt2")
+    info = ModelRef(
+        ref=ref,
+        source="training",
+        path=ckpt.folder,
+        model_type=arch,
+        architecture="LlamaForCausalLM" if arch == "llama" else "GPT2LMHeadModel",
+        n_layers=int(ckpt.model.get("n_layer", 4)),
+        max_positions=ckpt.n_positions,
+        config_from=str(ckpt.run_folder / "train.json"),
+        notes=[f"training checkpoint at step {ckpt.step}"],
+    )
+    check_safetensors_file(ckpt.folder / WEIGHTS, f"model {ref}", "retrain the run (conceptprobe train)")
+    return info
+
+
+def _check_folder(ref: str, folder: Path, trust_remote_code: bool, revision: str | None = None) -> ModelRef:
+    from conceptprobe.models.training_checkpoint import is_training_folder
+
+    if is_training_folder(folder):
+        return _check_training_folder(ref, folder, revision)
     info = ModelRef(ref=ref, source="local", path=folder, config_from=f"{folder}/config.json")
     cfg_path = folder / "config.json"
     if not cfg_path.is_file():
@@ -376,7 +405,7 @@ def check_model_ref(ref: str, trust_remote_code: bool = False, revision: str | N
         _from_gguf_header(info, header)
         return info
     if path.is_dir():
-        return _check_folder(ref, path, trust_remote_code)
+        return _check_folder(ref, path, trust_remote_code, revision)
     if path.exists():
         raise ConfigError(
             f"model {ref}: {path} is a file but not a .gguf file; pass a .gguf file, a model folder, a "
@@ -600,6 +629,13 @@ def check_prompts(
     ref: str,
 ) -> None:
     """Prompts fit the model's context and every position offset stays inside the shortest prompt."""
+    from conceptprobe.models.errors import ModelLoadError
+    from conceptprobe.models.training_checkpoint import refuse_text
+
+    try:
+        refuse_text(tokenizer, ref, f"task {config.task}")
+    except ModelLoadError as exc:
+        raise ConfigError(str(exc)) from None
     texts = [p.text for ps in prompts.values() for p in ps]
     lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
     shortest, longest = min(lengths), max(lengths)

@@ -79,6 +79,7 @@ def icl_score(
     )
     from conceptprobe.measures.icl_score import icl_score as score_of
     from conceptprobe.models import load_model
+    from conceptprobe.models.training_checkpoint import refuse_text
     from conceptprobe.store import package_versions
 
     c = config
@@ -86,6 +87,7 @@ def icl_score(
     started = time.perf_counter()
     loaded = loaded or load_model(c.model, dtype=c.dtype, revision=c.revision)
     info = loaded.info
+    refuse_text(loaded.tokenizer, c.model, "the ICL score")
     prefix = special_prefix(loaded.tokenizer)
     check_context_length(loaded.model, len(prefix) + c.n_tokens, name=c.model)
     texts = [Path(t) for t in c.text] if c.text else None

@@ -40,6 +40,9 @@ ARCHITECTURES: dict[str, ArchitectureSpec] = {
     "GPT2LMHeadModel": ArchitectureSpec(
         base="transformer", layers="transformer.h", final_norm="ln_f", embed="wte"
     ),
+    "GPTNeoXForCausalLM": ArchitectureSpec(  # Pythia: fused QKV, so no copying score (needs v_proj/o_proj)
+        base="gpt_neox", layers="gpt_neox.layers", final_norm="final_layer_norm", embed="embed_in"
+    ),
 }
 
 MODEL_TYPES: dict[str, str] = {
@@ -55,6 +58,7 @@ MODEL_TYPES: dict[str, str] = {
     "olmo": "OlmoForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "gpt_neox": "GPTNeoXForCausalLM",
 }
 
 SUPPORTED = tuple(sorted(ARCHITECTURES))

@@ -1,4 +1,5 @@
-"""One loader for a packaged alias, a GGUF file, a local folder or a Hugging Face hub id.
+"""One loader for a packaged alias, a GGUF file, a local folder or a Hugging Face hub id (and, through a
+documented adapter, the checkpoints ``conceptprobe train`` writes: :mod:`.training_checkpoint`).
 
 GGUF files are dequantized by transformers (``from_pretrained(dir, gguf_file=...)``); the result is
 cached once as safetensors (fp32) so later loads take seconds instead of a minute. Sharding,
@@ -23,6 +24,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from conceptprobe.models.errors import ModelLoadError
 from conceptprobe.models.layers import architecture_name, decoder_layers
 from conceptprobe.models.packaged import PACKAGED, cache_dir, gguf_path, gguf_sha256
+from conceptprobe.models.training_checkpoint import (
+    WEIGHTS,
+    checkpoint_extra,
+    is_training_folder,
+    load_training_checkpoint,
+    resolve_checkpoint,
+)
 from conceptprobe.store import sha256_of
 
 log = logging.getLogger(__name__)
@@ -219,6 +227,10 @@ def load_model(
 ) -> LoadedModel:
     """Load ``ref``: a packaged alias (``smollm2-135m``), a ``.gguf`` file, a local folder or a hub id.
 
+    A ``conceptprobe train`` run folder or one of its ``checkpoints/step_<n>`` folders loads through the
+    adapter of :mod:`conceptprobe.models.training_checkpoint` (``revision`` picks a run folder's step; the
+    tokenizer is an integer stand-in; ``info.extra["step"]`` is the training step).
+
     ``device_map`` ("auto", "balanced", "sequential" or an explicit ``{module: device}`` dict, devices
     being GPU indices, "cpu" or "disk"), ``max_memory`` and ``offload_folder`` (needed for "disk") go to
     ``from_pretrained``. ``quantize="4bit"|"8bit"`` builds a ``BitsAndBytesConfig`` (NF4 + double quant
@@ -264,6 +276,7 @@ def load_model(
         kwargs["offload_folder"] = str(offload_folder)
     start = time.perf_counter()
     alias = file = sha = None
+    extra: dict[str, Any] = {}
     if ref in PACKAGED:
         alias = ref
         spec = PACKAGED[ref]
@@ -278,6 +291,13 @@ def load_model(
         sha = cached_sha256(path)
         model, tok = _load_gguf(path.resolve(), sha, torch_dtype, use_cache, on_tokenizer, ref, **kwargs)
         source, file = "gguf", str(path.resolve())
+    elif is_training_folder(Path(ref).expanduser()):  # conceptprobe train's own checkpoints
+        ckpt = resolve_checkpoint(ref, revision)
+        model, tok = load_training_checkpoint(ckpt, torch_dtype)
+        _tokenizer_ready(tok, ref, on_tokenizer)
+        source, file, revision = "training", str((ckpt.folder / WEIGHTS).resolve()), ckpt.folder.name
+        sha = sha256_of(ckpt.folder / WEIGHTS)
+        extra = checkpoint_extra(ckpt)
     elif Path(ref).expanduser().is_dir():
         folder = Path(ref).expanduser()
         if not (folder / "config.json").is_file():
@@ -329,6 +349,7 @@ def load_model(
         file_sha256=sha,
         revision=revision or getattr(model.config, "_commit_hash", None),
         load_seconds=round(time.perf_counter() - start, 2),
+        extra=extra,
     )
     if quantize is not None:
         info.extra["quantize"] = quantize

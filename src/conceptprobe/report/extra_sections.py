@@ -1,10 +1,10 @@
 """The report's extra sections: ICL score and induction heads; causal tests (patching, finetuning, head
-ablation).
+ablation); checkpoint sweeps (measures against the training step).
 
 :func:`build_sections` turns what :func:`conceptprobe.report.extras.find_extras` found into sections of
 headings, tables and figures; :func:`section_html` and :func:`section_markdown` render one. Every number in a
-table is a value of an ``icl.json``, ``heads.json``, ``token_loss_pca.json``, ``ablation.json`` or
-``metrics.parquet``, shown
+table is a value of an ``icl.json``, ``heads.json``, ``token_loss_pca.json``, ``ablation.json``,
+``checkpoints.json`` or ``metrics.parquet``, shown
 rounded; the exact value rides along in the cell's ``data-value``.
 """
 
@@ -22,6 +22,7 @@ from conceptprobe.plotting import to_png
 from conceptprobe.report.extras import (
     PATCH_CONDITIONS,
     AblationResult,
+    CheckpointsResult,
     Extras,
     InterventionResult,
     finetune_conditions,
@@ -36,8 +37,9 @@ from conceptprobe.report.text import fmt_params
 SECTION_TITLES = {
     "icl": "In-context learning score and induction heads",
     "causal": "Causal tests",
+    "checkpoints": "Training checkpoints",
 }
-FIGURE_PREFIXES = ("icl_", "causal_")
+FIGURE_PREFIXES = ("icl_", "causal_", "checkpoints_")
 TOP_HEADS = 5
 COND_LABEL = {"positive": "positive (own)", "negative": "negative (null)", "cross": "cross (other B)"}
 
@@ -610,6 +612,135 @@ def _causal_section(ex: Extras, colors: dict[str, tuple]) -> ExtraSection:
     return ExtraSection("causal", SECTION_TITLES["causal"], blocks)
 
 
+def _cell_ci(cell: dict[str, Any] | None, digits: int = 3, sign: bool = False) -> Cell:
+    """``value [lo, hi]`` of a summary cell (``{"value", "ci"}``), with the exact values as attributes."""
+    if not cell:
+        return Cell("–")
+    text, attrs = _f(cell["value"], digits, sign), {}
+    if cell.get("ci"):
+        lo, hi = cell["ci"]
+        text += f" [{_f(lo, digits, sign)}, {_f(hi, digits, sign)}]"
+        attrs = {"data-lo": repr(float(lo)), "data-hi": repr(float(hi))}
+    return Cell(text, float(cell["value"]), attrs)
+
+
+def _checkpoints_table(r: CheckpointsResult) -> Table:
+    """A row per checkpoint: step, ICL score [CI], the heads' summaries and each task's accuracy and
+    decodability [CI] (the checkpoint's summary in ``checkpoints.json``)."""
+    entries = list(r.data.get("checkpoints") or [])
+    tasks = sorted({k.split("/")[0] for e in entries for k in (e.get("summary") or {}) if "/" in k})
+    top = (r.data.get("config") or {}).get("top_heads", "?")
+    columns = [
+        ("step", "step"), ("icl", "ICL score [95% CI]"), ("pm", "prefix matching, best head"),
+        ("pm_top", f"prefix matching, top {top}"), ("cp", "copying of that head (OV)"),
+        ("n_ind", "induction heads"),
+    ]  # fmt: skip
+    for t in tasks:
+        columns += [(f"{t}_acc", f"{t} accuracy [CI]"), (f"{t}_cd", f"{t} k-NN CD [CI] (layer)")]
+    rows = []
+    for e in entries:
+        sm = e.get("summary") or {}
+        pm = sm.get("prefix_matching_max")
+        row = {
+            "step": Cell(str(e["step"]), float(e["step"])),
+            "icl": _cell_ci(sm.get("icl_score"), sign=True),
+            "pm": Cell(f"{_f(pm['value'])} ({pm['head']})", float(pm["value"])) if pm else Cell("–"),
+            "pm_top": _num((sm.get("prefix_matching_top_mean") or {}).get("value")),
+            "cp": _num((sm.get("copying_best_head") or {}).get("value")),
+            "n_ind": _num((sm.get("n_induction_heads") or {}).get("value"), 0),
+        }
+        for t in tasks:
+            row[f"{t}_acc"] = _cell_ci(sm.get(f"{t}/icl_accuracy"))
+            cd = sm.get(f"{t}/cd_knn_heldout_peak")
+            cell = _cell_ci(cd)
+            if cd and "layer" in cd:
+                cell.text += f" ({cd['layer']})"
+            row[f"{t}_cd"] = cell
+        rows.append(row)
+    collapse = f"every checkpoint ({len(rows)} rows)" if len(rows) > 12 else None
+    return Table(
+        "checkpoints", columns, rows, [{"data-step": str(e["step"])} for e in entries], ("step",),
+        {"data-model": r.model, "data-folder": r.folder.name}, collapse,
+    )  # fmt: skip
+
+
+def _phase_text(r: CheckpointsResult) -> str:
+    """Where the best head's prefix matching and the ICL score pass halfway, with their intervals, and the
+    check against the trainer's own tracked values."""
+    phase = r.data.get("phase") or {}
+    parts = []
+    for key, name, sign in (
+        ("prefix_matching_max", "the best head's prefix matching", False),
+        ("icl_score", "the ICL score", True),
+    ):
+        got = phase.get(key)
+        if not got or got.get("halfway") is None:
+            continue
+        before, at = got["halfway"]["before"], got["halfway"]["at"]
+
+        def show(c: dict[str, Any], sign: bool = sign) -> str:
+            ci = f" [{_f(c['ci'][0], 3, sign)}, {_f(c['ci'][1], 3, sign)}]" if c.get("ci") else ""
+            return f"{_f(c['value'], 3, sign)}{ci} at step {c['step']}"
+
+        parts.append(
+            f"{name} goes from {show(got['first'])} to {show(got['last'])} and passes halfway between "
+            f"{show(before)} and {show(at)}"
+        )
+    text = ("; ".join(parts) + ".") if parts else ""
+    text = text[:1].upper() + text[1:]
+    check = r.data.get("tracked_check")
+    if check and check.get("max_abs_diff"):
+        diffs = ", ".join(f"{k} {v:.2g}" for k, v in check["max_abs_diff"].items())
+        n = max(check.get("compared", {}).values(), default=0)
+        text += (
+            f" Largest difference from the values `conceptprobe train` tracked at the same steps "
+            f"({check['file']}, up to {n} values per measure): {diffs}."
+        )
+    return text.strip()
+
+
+def _checkpoints_section(ex: Extras) -> ExtraSection:
+    from conceptprobe.experiments.checkpoint_figure import checkpoint_figure
+
+    blocks: list[Table | ExtraFigure | Text] = [
+        Text(
+            "p",
+            "One model measured at several training checkpoints. Heads are labelled L<b>H<h>: decoder block b "
+            "(0-based; it reads residual-stream layer b and writes b+1), head h. Prefix matching: attention "
+            "from each repeated token to the token after its earlier copies; copying: Olsson et al.'s "
+            "OV-circuit eigenvalue score; ICL score: loss of a late token minus an early one (95% bootstrap "
+            "interval over contexts). Training checkpoints are measured with their run's own evaluation "
+            "data and settings, as `conceptprobe train` tracked them.",
+        )
+    ]
+    for r in ex.checkpoints:
+        steps = r.data.get("steps") or []
+        span = f"steps {steps[0]}–{steps[-1]}" if steps else ""
+        blocks.append(
+            Text("h3", f"{r.model} · {r.data.get('name', r.folder.name)}: {len(steps)} checkpoints, {span}")
+        )
+        phase = _phase_text(r)
+        if phase:
+            blocks.append(Text("p", phase))
+        key = "checkpoints_" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in r.folder.name)
+        blocks.append(
+            ExtraFigure(
+                key,
+                f"Measures against the training step: {r.model}",
+                "Per head: prefix matching and copying (a colour per decoder block, lighter for later heads; "
+                "black dashed: the best prefix-matching head; dash-dot: its in-context copying); ICL score "
+                "with its 95% bootstrap band; concept "
+                "tasks (when measured): accuracy and k-NN decodability with 95% bands and the k-NN null. "
+                "Vertical dashed line: the checkpoint where the best head's prefix matching passes halfway.",
+                to_png(checkpoint_figure(r.metrics, r.data)),
+            )
+        )
+        blocks.append(_checkpoints_table(r))
+        src = (r.data.get("config") or {}).get("train_folder") or "model entries (ref + revision / step)"
+        blocks.append(Text("p", f"{r.folder.name}: checkpoints from {src}; definitions in checkpoints.json."))
+    return ExtraSection("checkpoints", SECTION_TITLES["checkpoints"], blocks)
+
+
 def build_sections(ex: Extras, colors: dict[str, tuple]) -> list[ExtraSection]:
     """The sections for ``ex`` (none when it holds nothing); ``colors`` is extended to every model."""
     colors.update(XF.extend_colors(colors, [*ex.models(), *(lab for p in ex.pca for lab in p.labels)]))
@@ -618,6 +749,8 @@ def build_sections(ex: Extras, colors: dict[str, tuple]) -> list[ExtraSection]:
         out.append(_icl_section(ex, colors))
     if ex.has_causal:
         out.append(_causal_section(ex, colors))
+    if ex.has_checkpoints:
+        out.append(_checkpoints_section(ex))
     return out
 
 
@@ -626,7 +759,7 @@ def extra_facts(ex: Extras) -> list[tuple[str, str]]:
     sizes: dict[str, int] = {}
     vers: dict[str, set[str]] = {}
     gits: set[str] = set()
-    for r in [*ex.icl, *ex.heads, *ex.patch, *ex.finetune, *ex.ablation]:
+    for r in [*ex.icl, *ex.heads, *ex.patch, *ex.finetune, *ex.ablation, *ex.checkpoints]:
         sizes.setdefault(r.model, r.n_params)
         data = getattr(r, "data", None) or getattr(r, "record", {})
         for k, v in (data.get("versions") or {}).items():

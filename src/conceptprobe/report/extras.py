@@ -4,6 +4,8 @@
 - ``heads.json`` (``conceptprobe heads``): prefix-matching and copying scores per layer and head.
 - ``token_loss_pca.json`` (``conceptprobe token-loss-pca``): PCA coordinates of per-token loss vectors.
 - ``ablation.json`` (``conceptprobe ablate``): head ablation, per condition and measure with intervals.
+- ``checkpoints.json`` (``conceptprobe checkpoints``): a checkpoint sweep, with its ``metrics.parquet`` keyed by
+  training step.
 - ``run.json`` with ``kind: patch`` (:mod:`conceptprobe.interventions.patching`) and ``kind: finetune``
   (:mod:`conceptprobe.interventions.finetune`), each with its ``metrics.parquet``.
 
@@ -24,8 +26,8 @@ import pandas as pd
 from conceptprobe.report.collect import INTERVENTION_KINDS, ReportError, find_run_folders, model_label
 
 ICL_FILE, HEADS_FILE, PCA_FILE = "icl.json", "heads.json", "token_loss_pca.json"
-ABLATION_FILE = "ablation.json"
-MARKERS = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE, "run.json")
+ABLATION_FILE, CHECKPOINTS_FILE = "ablation.json", "checkpoints.json"
+MARKERS = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE, CHECKPOINTS_FILE, "run.json")
 
 
 @dataclass
@@ -70,6 +72,17 @@ class AblationResult:
     model: str
     n_params: int
     data: dict[str, Any]  # ablation.json as written
+
+
+@dataclass
+class CheckpointsResult:
+    """A checkpoint sweep: its record and its metrics (long form, ``step`` column)."""
+
+    folder: Path
+    model: str
+    n_params: int
+    data: dict[str, Any]  # checkpoints.json as written
+    metrics: pd.DataFrame
 
 
 @dataclass
@@ -118,6 +131,7 @@ class Extras:
     patch: list[InterventionResult] = field(default_factory=list)
     finetune: list[InterventionResult] = field(default_factory=list)
     ablation: list[AblationResult] = field(default_factory=list)
+    checkpoints: list[CheckpointsResult] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
 
     @property
@@ -128,24 +142,26 @@ class Extras:
     def has_causal(self) -> bool:
         return bool(self.patch or self.finetune or self.ablation)
 
+    @property
+    def has_checkpoints(self) -> bool:
+        return bool(self.checkpoints)
+
     def __bool__(self) -> bool:
-        return self.has_icl or self.has_causal
+        return self.has_icl or self.has_causal or self.has_checkpoints
 
     def under(self, path: str | Path) -> bool:
         """Whether any result found lies at or below ``path``."""
         root = Path(path).resolve()
         if root.is_file():
             root = root.parent
-        folders = [
-            r.folder.resolve()
-            for r in [*self.icl, *self.heads, *self.pca, *self.patch, *self.finetune, *self.ablation]
-        ]
+        found = [*self.icl, *self.heads, *self.pca, *self.patch, *self.finetune, *self.ablation]
+        folders = [r.folder.resolve() for r in [*found, *self.checkpoints]]
         return any(f == root or root in f.parents for f in folders)
 
     def models(self) -> list[str]:
         """Model labels in order of size (then name)."""
         sizes: dict[str, int] = {}
-        for r in [*self.icl, *self.heads, *self.patch, *self.finetune, *self.ablation]:
+        for r in [*self.icl, *self.heads, *self.patch, *self.finetune, *self.ablation, *self.checkpoints]:
             sizes.setdefault(r.model, r.n_params)
         return sorted(sizes, key=lambda m: (sizes[m], m))
 
@@ -157,6 +173,7 @@ class Extras:
             f"{len(self.patch)} patching" if self.patch else "",
             f"{len(self.finetune)} finetuning" if self.finetune else "",
             f"{len(self.ablation)} head ablation" if self.ablation else "",
+            f"{len(self.checkpoints)} checkpoint sweep" if self.checkpoints else "",
         ]
         return ", ".join(p for p in parts if p)
 
@@ -268,22 +285,52 @@ def find_extras(paths: list[str | Path] | tuple[str | Path, ...]) -> Extras:
                 ex.ablation.append(
                     AblationResult(folder, model_label(model), int(model.get("n_params") or 0), data)
                 )
+            elif marker.name == CHECKPOINTS_FILE:
+                got = _load_checkpoints(folder, data, ex.skipped)
+                if got is not None:
+                    ex.checkpoints.append(got)
             elif marker.name == PCA_FILE:
                 if not {"labels", "coords", "explained_variance_ratio"} <= data.keys():
                     ex.skipped.append(f"{marker}: not a token-loss PCA result")
                     continue
                 ex.pca.append(PcaResult(folder, data))
-    for group in (ex.icl, ex.heads, ex.patch, ex.finetune, ex.ablation):
+    for group in (ex.icl, ex.heads, ex.patch, ex.finetune, ex.ablation, ex.checkpoints):
         group.sort(key=lambda r: (r.n_params, r.model, str(r.folder)))
     _unique_labels(ex.icl)
     _unique_labels(ex.heads)
     _unique_labels(ex.patch, lambda r: (r.task, r.shots, r.mode, len(patch_layers(r)) > 1))
     _unique_labels(ex.finetune, lambda r: (r.task, r.shots))
     _unique_labels(ex.ablation)
+    _unique_labels(ex.checkpoints)
     ex.pca.sort(key=lambda r: str(r.folder))
     for p in ex.pca:
         p.labels = _pca_labels(p, ex.icl)
     return ex
+
+
+def _load_checkpoints(folder: Path, data: dict[str, Any], skipped: list[str]) -> CheckpointsResult | None:
+    if data.get("kind") != "checkpoints" or not data.get("checkpoints"):
+        skipped.append(f"{folder / CHECKPOINTS_FILE}: not a checkpoint-sweep result")
+        return None
+    try:
+        metrics = pd.read_parquet(folder / "metrics.parquet")
+    except Exception as exc:  # noqa: BLE001 - missing or damaged: reported, not fatal
+        skipped.append(
+            f"{folder}: checkpoint sweep without a readable metrics.parquet ({exc.__class__.__name__})"
+        )
+        return None
+    if not {"step", "metric", "value", "layer", "head"} <= set(metrics.columns):
+        skipped.append(
+            f"{folder}: checkpoint metrics.parquet lacks a step, metric, value, layer or head column"
+        )
+        return None
+    last = data["checkpoints"][-1]
+    model = last.get("model") or {}
+    extra = model.get("extra") or {}
+    name = extra.get("run_name") if model.get("source") == "training" else model_label(model)
+    return CheckpointsResult(
+        folder, str(name or data.get("name")), int(model.get("n_params") or 0), data, metrics
+    )
 
 
 def _pca_labels(p: PcaResult, icl: list[IclResult]) -> list[str]:
@@ -306,14 +353,14 @@ def split_paths(paths: list[str | Path] | tuple[str | Path, ...]) -> tuple[list[
     if not paths:
         raise ReportError("no paths given; pass run folders or a sweep's output folder")
     extras = find_extras(paths)
-    result_files = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE)  # a path may name one of these files
+    result_files = (ICL_FILE, HEADS_FILE, PCA_FILE, ABLATION_FILE, CHECKPOINTS_FILE)  # a path may name one
     probe = [p for p in paths if not (Path(p).name in result_files and Path(p).is_file())]
     probe = [p for p in probe if find_run_folders(p)]
     for p in paths:
         if p not in probe and not extras.under(p):
             raise ReportError(
-                f"no run folders (run.json) or results (icl.json, heads.json, token_loss_pca.json, ablation.json, patching "
-                f"or finetuning run.json) under {p}; pass a run, sweep or result folder"
+                f"no run folders (run.json) or results (icl.json, heads.json, token_loss_pca.json, ablation.json, "
+                f"checkpoints.json, patching or finetuning run.json) under {p}; pass a run, sweep or result folder"
             )
     return probe, extras
 
@@ -389,6 +436,7 @@ def finetune_row(r: InterventionResult, condition: str) -> dict[str, float]:
 
 __all__ = [
     "AblationResult",
+    "CheckpointsResult",
     "Extras",
     "HeadsResult",
     "IclResult",

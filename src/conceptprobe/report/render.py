@@ -898,7 +898,9 @@ def build_report(
     figures_dir.mkdir(parents=True, exist_ok=True)
     extra_figs = [f for x in report.extras for f in x.figures]
     keep = {f"{f.key}.png" for f in [*report.figures, *extra_figs]} | {f"{f.key}.svg" for f in report.figures}
-    prefixes = (*(f"{s}_" for s in FIGURE_PREFIXES), "icl_", "causal_")
+    from conceptprobe.report.extra_sections import FIGURE_PREFIXES as EXTRA_PREFIXES
+
+    prefixes = (*(f"{s}_" for s in FIGURE_PREFIXES), *EXTRA_PREFIXES)
     for old in [
         *figures_dir.glob("*.png"),
         *figures_dir.glob("*.svg"),

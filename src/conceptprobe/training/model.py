@@ -5,7 +5,9 @@
 - :func:`build_lm`: a ``GPT2LMHeadModel`` / ``LlamaForCausalLM`` for token sequences; with
   ``attention_only`` every MLP is replaced by :class:`ZeroMLP` (the residual stream only passes
   through attention, as in Olsson et al.'s attention-only models). Both are ordinary transformers
-  models, so :mod:`conceptprobe.measures.induction` scores their heads unchanged.
+  models, so :mod:`conceptprobe.measures.induction` scores their heads unchanged. The LM, its spec and
+  config live in :mod:`conceptprobe.models.small_lm` (the model loader rebuilds training checkpoints from
+  them) and are re-exported here.
 
 **Layers.** :func:`residual_stream` returns ``n_layers + 1`` vectors per position: index 0 is the input of
 the first block (embeddings, plus learned positions for GPT-2), index ``l`` the output of block ``l``
@@ -15,99 +17,35 @@ the first block (embeddings, plus learned positions for GPT-2), index ``l`` the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from conceptprobe.hooks import on_layer
+from conceptprobe.models.small_lm import (
+    ModelSpec,
+    ZeroMLP,
+    blocks,
+    build_lm,
+    lm_blocks,
+    lm_config,
+    strip_mlps,
+)
 
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """Architecture of a trained model. ``d_mlp`` defaults to ``4 * d_model``; ``activation`` is the MLP's
-    (transformers' names; exact ``gelu`` is ~1.5x faster on CPU than GPT-2's tanh ``gelu_new``)."""
-
-    arch: Literal["gpt2", "llama"] = "gpt2"
-    n_layer: int = 4
-    n_head: int = 4
-    d_model: int = 64
-    d_mlp: int | None = None
-    attention_only: bool = False
-    tie_embeddings: bool = False
-    activation: str = "gelu"
-
-    def __post_init__(self) -> None:
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"arch must be 'gpt2' or 'llama'; got {self.arch!r}")
-        if self.n_layer < 1 or self.n_head < 1 or self.d_model < 1:
-            raise ValueError("n_layer, n_head and d_model must be >= 1")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-class ZeroMLP(nn.Module):
-    """Stands in for a block's MLP: adds nothing to the residual stream."""
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return torch.zeros_like(hidden_states)
-
-
-def _config(spec: ModelSpec, vocab_size: int, n_positions: int) -> Any:
-    from transformers import GPT2Config, LlamaConfig
-
-    d_mlp = spec.d_mlp or 4 * spec.d_model
-    if spec.arch == "gpt2":
-        cfg = GPT2Config(
-            vocab_size=vocab_size,
-            n_positions=n_positions,
-            n_embd=spec.d_model,
-            n_layer=spec.n_layer,
-            n_head=spec.n_head,
-            n_inner=d_mlp,
-            activation_function=spec.activation,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-            tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
-    else:
-        cfg = LlamaConfig(
-            vocab_size=vocab_size,
-            max_position_embeddings=n_positions,
-            hidden_size=spec.d_model,
-            intermediate_size=d_mlp,
-            hidden_act=spec.activation,
-            num_hidden_layers=spec.n_layer,
-            num_attention_heads=spec.n_head,
-            num_key_value_heads=spec.n_head,
-            attention_dropout=0.0,
-            tie_word_embeddings=spec.tie_embeddings,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-    cfg._attn_implementation = "sdpa"
-    return cfg
-
-
-def blocks(backbone: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a ``GPT2Model`` (``h``) or ``LlamaModel`` (``layers``)."""
-    found = getattr(backbone, "h", None) or getattr(backbone, "layers", None)
-    if not isinstance(found, nn.ModuleList):
-        raise TypeError(f"{type(backbone).__name__} has no decoder blocks at .h or .layers")
-    return found
-
-
-def _strip_mlps(backbone: nn.Module) -> None:
-    for block in blocks(backbone):
-        block.mlp = ZeroMLP()
+__all__ = [
+    "ModelSpec",
+    "RegressionTransformer",
+    "ZeroMLP",
+    "blocks",
+    "build_lm",
+    "build_regression_model",
+    "lm_blocks",
+    "lm_config",
+    "n_parameters",
+    "residual_stream",
+    "strip_mlps",
+]
 
 
 class RegressionTransformer(nn.Module):
@@ -118,12 +56,12 @@ class RegressionTransformer(nn.Module):
         from transformers import GPT2Model, LlamaModel
 
         self.spec = spec
-        cfg = _config(spec, vocab_size=1, n_positions=n_positions)
+        cfg = lm_config(spec, vocab_size=1, n_positions=n_positions)
         self.config = cfg
         self.read_in = nn.Linear(token_dim, spec.d_model)
         self.backbone = GPT2Model(cfg) if spec.arch == "gpt2" else LlamaModel(cfg)
         if spec.attention_only:
-            _strip_mlps(self.backbone)
+            strip_mlps(self.backbone)
         self.read_out = nn.Linear(spec.d_model, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -138,22 +76,6 @@ class RegressionTransformer(nn.Module):
 def build_regression_model(spec: ModelSpec, token_dim: int, n_positions: int) -> RegressionTransformer:
     """A :class:`RegressionTransformer` in training mode, initialised from torch's global generator."""
     return RegressionTransformer(spec, token_dim, n_positions)
-
-
-def build_lm(spec: ModelSpec, vocab_size: int, n_positions: int) -> nn.Module:
-    """A causal LM (``GPT2LMHeadModel`` or ``LlamaForCausalLM``), attention-only if the spec says so."""
-    from transformers import GPT2LMHeadModel, LlamaForCausalLM
-
-    cfg = _config(spec, vocab_size, n_positions)
-    model = GPT2LMHeadModel(cfg) if spec.arch == "gpt2" else LlamaForCausalLM(cfg)
-    if spec.attention_only:
-        _strip_mlps(model.transformer if spec.arch == "gpt2" else model.model)
-    return model
-
-
-def lm_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks of a model from :func:`build_lm`."""
-    return blocks(model.transformer if hasattr(model, "transformer") else model.model)
 
 
 def residual_stream(
