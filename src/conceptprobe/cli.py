@@ -107,7 +107,9 @@ def run(
     shots: int | None = typer.Option(None, "--shots", "-k", help="Demonstrations per prompt [4]."),
     n: int | None = typer.Option(None, "--n", help="Prompts per concept [100]."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for prompt sampling and probe folds [0]."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
     max_batch_tokens: int | None = typer.Option(

@@ -25,7 +25,9 @@ def capture_cmd(
         "0", "--positions", help="Offsets from each prompt's last token, e.g. 0,-1."
     ),
     answer_tokens: int = typer.Option(0, "--answer-tokens", help="Also decode this many tokens greedily."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | bfloat16 | float16."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
 ) -> None:
     """Capture the residual stream of your own prompts (the layers and positions of your choice)."""
     from conceptprobe.experiments.capture import capture, read_prompts, write_captured

@@ -108,7 +108,9 @@ def patch_cmd(
     peak_from: Path | None = typer.Option(
         None, "--peak-from", help="Run folder whose run.json gives the peak layer [computed here]."
     ),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | bfloat16 | float16."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Result folder [results/causal/...]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),
@@ -151,7 +153,9 @@ def finetune_cmd(
     n: int = typer.Option(50, "--n", help="Evaluation prompts per concept."),
     seed: int = typer.Option(0, "--seed", help="Evaluation seed (training uses seed+20000)."),
     train_seed: int | None = typer.Option(None, "--train-seed", help="Seed of the training prompts."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | bfloat16 | float16 (base weights)."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="auto | float32 | bfloat16 | float16 (base weights) [auto]."
+    ),
     eval_batch_size: int = typer.Option(16, "--eval-batch-size", help="Prompts per evaluation pass."),
     keep_activations: bool = typer.Option(
         False, "--keep-activations", help="Keep each condition's captures."
@@ -193,7 +197,9 @@ def ablate_cmd(
     n: int | None = typer.Option(None, "--n", help="Prompts per concept [20]."),
     n_contexts: int | None = typer.Option(None, "--n-contexts", help="ICL-score contexts [16]."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of prompts, contexts, draws, bootstrap [0]."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Result folder [results/ablation/...]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Write into a non-empty --out."),

@@ -55,7 +55,9 @@ def icl_score_cmd(
     early: int | None = typer.Option(None, "--early", help="Earlier token (1-based) [50]."),
     per_doc: int | None = typer.Option(None, "--per-doc", help="Most contexts from one document [1]."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Contexts per forward pass [4]."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the corpus order and the bootstrap [0]."),
     n_boot: int | None = typer.Option(
         None, "--n-boot", help="Bootstrap resamples for the 95% interval [2000]."
@@ -127,7 +129,9 @@ def heads_cmd(
     freq_docs: int | None = typer.Option(
         None, "--freq-docs", help="Corpus documents for token frequencies [200]."
     ),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 [bfloat16]."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto | float32 | bfloat16 | float16 [auto: bf16 where native, else fp32]."
+    ),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the random token sequences [0]."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Result folder [results/heads/<model>]."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads [torch's default]."),

@@ -138,7 +138,9 @@ def sweep_cmd(
     shots: str | None = typer.Option(None, "--shots", "-k", help="Comma-separated shot counts, e.g. 1,4,10."),
     seeds: str | None = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2."),
     n: int | None = typer.Option(None, "--n", help="Prompts per concept."),
-    dtype: str | None = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16, for every model."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="auto | float32 | bfloat16 | float16, for every model."
+    ),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder [results/<name>]."),

@@ -43,16 +43,17 @@ def capture(
     layers: Sequence[int] | str = "all",
     positions: Sequence[int] = (0,),
     answer_tokens: int = 0,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     batch_size: int = 16,
     max_batch_tokens: int | None = 1024,
 ) -> Captured:
     """Capture the residual stream of ``model`` (a :class:`~conceptprobe.models.LoadedModel`, or a reference
-    :func:`~conceptprobe.models.load_model` takes, loaded in ``dtype``) for ``prompts``.
+    :func:`~conceptprobe.models.load_model` takes, loaded in ``dtype``; ``auto``: bf16 where native, else fp32) for ``prompts``.
 
     ``answer_tokens`` > 0 also decodes that many tokens greedily after each prompt (stopping at a newline).
     """
     from conceptprobe.batching import plan_batches
+    from conceptprobe.config import choose_dtype
     from conceptprobe.generation import capture_and_generate, encode
     from conceptprobe.hooks import ResidualCapture, resolve_layers
     from conceptprobe.models import LoadedModel, load_model
@@ -64,7 +65,7 @@ def capture(
     offsets = [int(p) for p in positions]
     if not offsets or any(p > 0 for p in offsets):
         raise ValueError("positions are offsets <= 0 from each prompt's last token (0, -1, ...)")
-    loaded = model if isinstance(model, LoadedModel) else load_model(str(model), dtype)
+    loaded = model if isinstance(model, LoadedModel) else load_model(str(model), choose_dtype(dtype))
     chosen = resolve_layers(loaded.info.n_layers, layers)
     lengths = [len(ids) for ids in loaded.tokenizer(list(prompts))["input_ids"]]
     if min(lengths) + min(offsets) < 1:

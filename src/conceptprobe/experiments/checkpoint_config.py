@@ -23,7 +23,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from conceptprobe.config import ConfigError, check_seed, format_validation_error, load_yaml, path_too_long
+from conceptprobe.config import (
+    ConfigError,
+    Dtype,
+    check_seed,
+    format_validation_error,
+    load_yaml,
+    path_too_long,
+)
 from conceptprobe.names import SAFE_NAME
 from conceptprobe.sweep.config import ModelEntry, TaskEntry
 
@@ -46,8 +53,10 @@ class CheckpointSweepConfig(BaseModel):
     models: list[ModelEntry] | None = Field(
         None, description="checkpoints as model entries: ref + revision (hub) or ref + step (local folder)"
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="of pretrained models; training checkpoints are measured in float32"
+    dtype: Dtype = Field(
+        "auto",
+        validate_default=True,
+        description="of pretrained models (auto: bf16 where native, else fp32); training checkpoints: float32",
     )
     seed: int = Field(0, description="seed of contexts, sequences, prompts and bootstraps")
     threads: int | None = Field(None, ge=1, description="torch CPU threads [torch's default]")

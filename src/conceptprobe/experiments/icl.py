@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from conceptprobe.config import Dtype
 from conceptprobe.experiments.common import metrics_frame, model_columns, set_threads
 
 
@@ -37,7 +38,9 @@ class IclScoreConfig(BaseModel):
     early: int = Field(50, ge=1, description="the earlier token (1-based)")
     per_doc: int = Field(1, ge=1, description="most contexts taken from one document (consecutive windows)")
     batch_size: int = Field(4, ge=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = Field(
+        "auto", validate_default=True, description="auto: bfloat16 where native, else float32"
+    )
     seed: int = Field(0, ge=0, lt=2**32)
     n_boot: int = Field(2000, ge=10)
     window: int = Field(10, ge=0, description="also the score on token windows +-window (0 = off)")

@@ -31,7 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from conceptprobe import __version__
-from conceptprobe.config import RunConfig
+from conceptprobe.config import Dtype, RunConfig
 from conceptprobe.experiments.probe import run as run_pipeline
 from conceptprobe.interventions.patching import write_results
 from conceptprobe.models import LoadedModel, load_model
@@ -217,7 +217,9 @@ class FinetuneConfig(BaseModel):
     train_seed: int | None = Field(None, description="seed of the training prompts [seed + 20000]")
     seed: int = Field(0, description="seed of the evaluation prompts (and probe folds)")
     n: int = Field(50, ge=5, description="evaluation prompts per concept")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = Field(
+        "auto", validate_default=True, description="auto: bfloat16 where native, else float32"
+    )
     eval_batch_size: int = Field(16, ge=1)
     knn_k: int = Field(10, ge=1)
     keep_activations: bool = False

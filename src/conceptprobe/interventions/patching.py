@@ -53,6 +53,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from conceptprobe import __version__
+from conceptprobe.config import Dtype
 from conceptprobe.experiments.probe import answer_matches
 from conceptprobe.generation import capture_and_generate, encode
 from conceptprobe.hooks import ResidualCapture, ResidualPatch, resolve_layers
@@ -235,7 +236,9 @@ class PatchConfig(BaseModel):
     mode: PatchMode = "add"
     scale: float = 1.0
     conditions: list[str] = Field(default_factory=lambda: list(CONDITIONS))
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = Field(
+        "auto", validate_default=True, description="auto: bfloat16 where native, else float32"
+    )
     batch_size: int = Field(16, ge=1)
     knn_k: int = Field(10, ge=1)
     peak_from: str | None = Field(None, description="run folder whose run.json gives the peak layer")

@@ -70,10 +70,14 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from its name; ``auto`` is bfloat16 where the hardware has it natively, else float32."""
+    from conceptprobe.config import choose_dtype
+
     if isinstance(dtype, torch.dtype):
         return dtype
+    dtype = choose_dtype(dtype)
     if dtype not in DTYPES:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of: {', '.join(DTYPES)}")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of: auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 

@@ -31,6 +31,7 @@ from pydantic import (
 
 from conceptprobe.config import (
     ConfigError,
+    Dtype,
     RunConfig,
     check_seed,
     format_validation_error,
@@ -77,9 +78,7 @@ class ModelEntry(BaseModel):
 
     ref: str = Field(min_length=1, description="packaged alias, .gguf file, local folder or hub id")
     label: str | None = Field(None, description="folder and report name [alias / hub name / file stem]")
-    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="overrides the sweep dtype"
-    )
+    dtype: Dtype | None = Field(None, description="overrides the sweep dtype (auto: bf16 where native)")
     revision: str | None = Field(None, description="hub branch, tag or commit (e.g. a training checkpoint)")
     step: int | None = Field(
         None, ge=0, description="training step of this checkpoint [read from a revision like step1000]"
