@@ -39,12 +39,12 @@ import re
 import tempfile
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from conceptprobe.config import Dtype
 from conceptprobe.experiments.common import metrics_frame, model_columns, set_threads
 
 HEAD_LABEL = re.compile(r"^L(\d+)H(\d+)$")
@@ -71,7 +71,9 @@ class AblationConfig(BaseModel):
 
     model: str = Field(description="packaged alias, .gguf file, local folder or hub id")
     revision: str | None = Field(None, description="hub branch, tag or commit")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = Field(
+        "auto", validate_default=True, description="auto: bfloat16 where native, else float32"
+    )
     heads_folder: str | None = Field(
         None, description="folder of `conceptprobe heads` for this model (its heads.json ranks the heads)"
     )
@@ -256,7 +258,7 @@ def ablate(
     """Run the baseline, the induction-head ablation and the control draws; write ``out`` when given."""
     from conceptprobe.config import RunConfig
     from conceptprobe.corpus import iter_corpus
-    from conceptprobe.experiments.heads import HeadsConfig, head_scores
+    from conceptprobe.experiments.heads import HeadsConfig, head_scores, sequence_tokens
     from conceptprobe.experiments.icl import IclScoreConfig, icl_score
     from conceptprobe.experiments.probe import headline
     from conceptprobe.experiments.probe import run as probe_run
@@ -300,14 +302,9 @@ def ablate(
         *[("control", d, heads) for d, heads in enumerate(controls)],
     ]
 
-    from conceptprobe.corpus import iter_corpus as _docs
-    from conceptprobe.measures.icl_score import special_prefix
-    from conceptprobe.measures.induction import candidate_token_ids, repeated_random_tokens
+    from conceptprobe.measures.induction import repeated_random_tokens
 
-    texts = [d.text for d in islice(_docs("stdlib-docs", c.seed), 200)]
-    vocab = model.get_output_embeddings().weight.shape[0]
-    candidates = candidate_token_ids(loaded.tokenizer, texts, vocab_size=min(vocab, len(loaded.tokenizer)))
-    pm_prefix = special_prefix(loaded.tokenizer)
+    candidates, pm_prefix = sequence_tokens(loaded, None, 200, c.seed)
     pm_ids = repeated_random_tokens(candidates, c.n_seqs, c.seq_len, c.repeats, pm_prefix, c.seed)
     pm_first = len(pm_prefix) + c.seq_len
     top_k = chosen if ranking is None else [(r["block"], r["head"]) for r in ranking[: c.k]]

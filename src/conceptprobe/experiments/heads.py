@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conceptprobe.config import Dtype
 from conceptprobe.experiments.common import metrics_frame, model_columns, set_threads
 
 
@@ -50,7 +51,9 @@ class HeadsConfig(BaseModel):
     )
     text: list[str] | None = Field(None, description="text to count token frequencies on")
     freq_docs: int = Field(200, ge=1, description="documents of the built-in corpus for token frequencies")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Dtype = Field(
+        "auto", validate_default=True, description="auto: bfloat16 where native, else float32"
+    )
     seed: int = Field(0, ge=0, lt=2**32)
     threads: int | None = Field(None, ge=1)
 
@@ -72,13 +75,31 @@ def _label(block: int, head: int) -> str:
     return f"L{block}H{head}"
 
 
+def sequence_tokens(
+    loaded: Any, text: list[str] | None = None, freq_docs: int = 200, seed: int = 0
+) -> tuple[Any, list[int]]:
+    """The candidate tokens of the repeated random sequences (mid-frequency tokens of ``text`` files, or of
+    the first ``freq_docs`` documents of the built-in corpus) and the special prefix (BOS) put before them."""
+    from conceptprobe.corpus import iter_corpus, iter_text_paths
+    from conceptprobe.measures.icl_score import special_prefix
+    from conceptprobe.measures.induction import candidate_token_ids
+
+    tok = loaded.tokenizer
+    docs = (
+        iter_text_paths([Path(t) for t in text])
+        if text
+        else islice(iter_corpus("stdlib-docs", seed), freq_docs)
+    )
+    texts = [d.text for d in docs]
+    vocab = loaded.model.get_output_embeddings().weight.shape[0]
+    return candidate_token_ids(tok, texts, vocab_size=min(vocab, len(tok))), special_prefix(tok)
+
+
 def head_scores(
     config: HeadsConfig, out: str | Path | None = None, *, loaded: Any = None, progress: bool = True
 ) -> HeadsResult:
     """Score every head of ``config.model``; write the result folder ``out`` when given."""
-    from conceptprobe.corpus import iter_corpus, iter_text_paths
-    from conceptprobe.measures.icl_score import special_prefix
-    from conceptprobe.measures.induction import candidate_token_ids, induction_head_scores, ov_copying_scores
+    from conceptprobe.measures.induction import induction_head_scores, ov_copying_scores
     from conceptprobe.models import load_model
     from conceptprobe.store import package_versions
 
@@ -87,15 +108,7 @@ def head_scores(
     started = time.perf_counter()
     loaded = loaded or load_model(c.model, dtype=c.dtype, revision=c.revision)
     info, tok = loaded.info, loaded.tokenizer
-    docs = (
-        iter_text_paths([Path(t) for t in c.text])
-        if c.text
-        else islice(iter_corpus("stdlib-docs", c.seed), c.freq_docs)
-    )
-    texts = [d.text for d in docs]
-    vocab = loaded.model.get_output_embeddings().weight.shape[0]
-    candidates = candidate_token_ids(tok, texts, vocab_size=min(vocab, len(tok)))
-    prefix = special_prefix(tok)
+    candidates, prefix = sequence_tokens(loaded, c.text, c.freq_docs, c.seed)
     t0 = time.perf_counter()
     scores = induction_head_scores(
         loaded.model, candidates, prefix, c.n_seqs, c.seq_len, c.repeats, seed=c.seed, copy_over=c.copy_over
