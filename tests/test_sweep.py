@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import conceptprobe.sweep.local as local
 from conceptprobe.commands import sweep_cmds
-from conceptprobe.config import ConfigError
+from conceptprobe.config import ConfigError, choose_dtype
 from conceptprobe.sweep import expand, load_sweep_config
 from helpers import make_model, make_tokenizer
 
@@ -144,7 +144,9 @@ def test_plan_expansion_labels_and_folders(tmp_path):
     assert [m.label for m in plan.config.models] == ["smollm2-135m", "gemma-2-2b", "Llama-3.1-70B-4bit", "xq"]
     first = plan.units[0]
     assert first.folder == Path("results/fam/smollm2-135m/pos_1shot_seed0")
-    assert first.config.n == 20 and first.config.batch_size == 4 and first.config.dtype == "bfloat16"
+    assert first.config.n == 20 and first.config.batch_size == 4
+    # no dtype in the config: auto, held as the dtype this machine computes natively (bf16 or float32)
+    assert first.config.dtype == choose_dtype("auto") and first.config.dtype in ("bfloat16", "float32")
     assert first.n_prompts == 20 * len(first.concepts) == 20 * 7
     gemma = [u for u in plan.units if u.model.label == "gemma-2-2b"]
     assert {u.config.dtype for u in gemma} == {"bfloat16"} and {u.config.model for u in gemma} == {
