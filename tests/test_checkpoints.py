@@ -183,14 +183,7 @@ def test_a_hub_revision_reaches_the_loader_and_its_step_is_recorded(tmp_path: Pa
         {
             "name": "hub",
             "models": [{"ref": "EleutherAI/pythia-160m", "revision": "step1000"}],
-            "dtype": "float32",
-            "n_contexts": 3,
-            "n_tokens": 48,
-            "late": 40,
-            "early": 8,
-            "n_seqs": 2,
-            "seq_len": 6,
-            "n_bootstrap": 50,
+            **TINY_MEASURES,
         },  # fmt: skip
         "test",
     )
@@ -207,6 +200,13 @@ def test_a_hub_revision_reaches_the_loader_and_its_step_is_recorded(tmp_path: Pa
     )
     icl = m[m.metric == "icl_score"].iloc[0]
     assert icl["n"] == 3 and icl["ci_low"] <= icl["value"] <= icl["ci_high"]
+
+
+# measure settings small enough for a tiny model and a few seconds
+TINY_MEASURES = {
+    "dtype": "float32", "n_contexts": 3, "n_tokens": 48, "late": 40, "early": 8, "n_seqs": 2, "seq_len": 6,
+    "n_bootstrap": 50,
+}  # fmt: skip
 
 
 def _neox_folder(path: Path, seed: int) -> Path:
@@ -240,14 +240,7 @@ def test_local_folders_with_steps_and_concept_tasks_then_the_report(tmp_path: Pa
         {
             "name": "local",
             "models": [{"ref": str(refs[1]), "step": 200}, {"ref": str(refs[0]), "step": 100}],
-            "dtype": "float32",
-            "n_contexts": 3,
-            "n_tokens": 48,
-            "late": 40,
-            "early": 8,
-            "n_seqs": 2,
-            "seq_len": 6,
-            "n_bootstrap": 50,
+            **TINY_MEASURES,
             "tasks": ["bitwise"],
             "shots": 1,
             "n": 6,
