@@ -40,5 +40,6 @@ def test_bench_capture_quick():
 @pytest.mark.real
 def test_bench_end_to_end_quick():
     out = _run("bench_end_to_end.py")
-    assert "| stage | seconds | share |" in out and "| forward |" in out and "| report |" in out
-    assert "goal under 30 min" in out
+    assert "| stage | seconds | share | x floor |" in out and "| forward |" in out and "| report |" in out
+    assert "TFLOP/s" in out and "floor: 2 x non-embedding parameters" in out
+    assert "| first use of the model |" in out and "goal within 2x the floor" in out

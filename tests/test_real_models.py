@@ -71,6 +71,39 @@ def test_smollm2_answers_first_noun(smollm2):
     assert correct >= 6, texts  # ~0.75 measured with this format (pos v1); chance is ~1/8
 
 
+def test_smollm2_wide_decoding_equals_one_prompt_at_a_time(smollm2):
+    """Answers decoded in one wide batch (merged KV caches of several prefill batches) are the answers of
+    greedy decoding each prompt alone: same text, same correctness (fp32)."""
+    from conceptprobe.batching import plan_batches
+    from conceptprobe.generation import capture_and_generate_batches
+
+    tok = smollm2.tokenizer
+    prompts = [
+        p
+        for name, concepts in (("pos", ["noun", "verb", "null"]), ("bitwise", ["and", "xor", "null"]))
+        for c in concepts
+        for p in build_prompts(get_task(name), c, 4, 6, seed=1)
+    ]
+    lengths = [len(ids) for ids in tok([p.text for p in prompts])["input_ids"]]
+    batches = plan_batches(lengths, 8, 600, extra=6)
+    assert len(batches) >= 4
+    with ResidualCapture(smollm2.model, layers=[0, 15]) as cap:
+        wide = capture_and_generate_batches(
+            smollm2.model, tok, [encode(tok, [prompts[i].text for i in b]) for b in batches], cap, [0], 6
+        )
+        alone = [
+            capture_and_generate(smollm2.model, tok, encode(tok, [p.text]), cap, [0], 6) for p in prompts
+        ]
+    texts = [""] * len(prompts)
+    for idx, (acts, got) in zip(batches, wide, strict=True):
+        for j, i in enumerate(idx):
+            texts[i] = got[j]
+            torch.testing.assert_close(acts[j], alone[i][0][0], rtol=0, atol=1e-4)
+    assert texts == [t[0] for _, t in alone]
+    correct = [t.strip() == p.answer for t, p in zip(texts, prompts, strict=True)]
+    assert 0 < sum(correct) < len(prompts)  # both outcomes occur: the comparison covers right and wrong
+
+
 def test_gguf_cache_reproduces_the_gguf_load(tmp_path, monkeypatch):
     """The safetensors cache written from a GGUF load gives the same logits as the GGUF load itself."""
     _require("smollm2-135m")

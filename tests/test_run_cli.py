@@ -40,6 +40,9 @@ def test_run_end_to_end_and_resume(tiny_model_dir, tmp_path):
     assert run["task"]["name"] == "bitwise" and run["task"]["version"] == "1"
     assert run["model"]["n_layers"] == 3 and run["model"]["source"] == "local"
     assert run["config"]["seed"] == 0 and "torch" in run["versions"]
+    batching = run["batching"]  # the memory-sized budget it used, and why
+    assert batching["batch_size"] == 5 and run["config"]["max_batch_tokens"] == "auto"
+    assert batching["max_batch_tokens"] >= 512 and batching["rule"].startswith("auto:")
 
     metrics = pd.read_parquet(out / "metrics.parquet")
     assert list(metrics.columns[: len(METRIC_COLUMNS)]) == METRIC_COLUMNS

@@ -63,6 +63,15 @@ def _ints(value: str | None, flag: str) -> list[int] | None:
         raise typer.BadParameter(f"{flag} takes comma-separated integers, e.g. 0,-1; got {value!r}") from None
 
 
+def _budget_option(value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise typer.BadParameter(f"--max-batch-tokens takes a number or auto, got {value!r}") from None
+
+
 def _print_prompt(prompt: object) -> None:
     text = getattr(prompt, "text")  # noqa: B009
     console.print(text + f" {getattr(prompt, 'answer')}", highlight=False, markup=False)  # noqa: B009
@@ -112,8 +121,11 @@ def run(
     ),
     layers: str | None = typer.Option(None, "--layers", help="'all' or comma-separated layer indices."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Prompts per forward pass [16]."),
-    max_batch_tokens: int | None = typer.Option(
-        None, "--max-batch-tokens", help="Cap on rows x padded length per batch (keeps memory flat) [1024]."
+    max_batch_tokens: str | None = typer.Option(
+        None,
+        "--max-batch-tokens",
+        help="Cap on rows x padded length per prefill batch (keeps memory flat): a number, or auto to size "
+        "it from the available memory [auto].",
     ),
     knn_k: int | None = typer.Option(None, "--knn-k", help="Neighbours for k-NN decodability [10]."),
     positions: str | None = typer.Option(
@@ -165,7 +177,7 @@ def run(
         "dtype": dtype,
         "layers": _layers_option(layers),
         "batch_size": batch_size,
-        "max_batch_tokens": max_batch_tokens,
+        "max_batch_tokens": _budget_option(max_batch_tokens),
         "knn_k": knn_k,
         "positions": _ints(positions, "--positions"),
         "probe_folds": probe_folds,

@@ -131,11 +131,11 @@ class RunConfig(BaseModel):
         default_factory=lambda: [0], description="offsets from the token before the answer"
     )
     batch_size: int = Field(16, ge=1)
-    max_batch_tokens: int | None = Field(
-        1024,
-        ge=1,
-        description="cap on rows x (longest prompt + new tokens) per batch; keeps peak memory flat as prompts "
-        "grow (None: batch_size alone)",
+    max_batch_tokens: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        "auto",
+        description="cap on rows x (longest prompt + new tokens) per prefill batch; keeps peak memory flat as "
+        "prompts grow. auto: sized from the available memory (conceptprobe.batching.batch_budget; the "
+        "value used is in run.json); None: batch_size alone",
     )
     max_new_tokens: int | None = Field(None, ge=1, description="default: longest answer in tokens + 2")
     knn_k: int = Field(10, ge=1)

@@ -45,16 +45,18 @@ def capture(
     answer_tokens: int = 0,
     dtype: str = "auto",
     batch_size: int = 16,
-    max_batch_tokens: int | None = 1024,
+    max_batch_tokens: int | str | None = "auto",
 ) -> Captured:
     """Capture the residual stream of ``model`` (a :class:`~conceptprobe.models.LoadedModel`, or a reference
     :func:`~conceptprobe.models.load_model` takes, loaded in ``dtype``; ``auto``: bf16 where native, else fp32) for ``prompts``.
 
     ``answer_tokens`` > 0 also decodes that many tokens greedily after each prompt (stopping at a newline).
+    ``max_batch_tokens`` bounds each prefill batch (``auto``: sized from the available memory, see
+    :func:`~conceptprobe.batching.batch_budget`); answers are decoded in wide batches of merged KV caches.
     """
-    from conceptprobe.batching import plan_batches
+    from conceptprobe.batching import batch_budget, plan_batches
     from conceptprobe.config import choose_dtype
-    from conceptprobe.generation import capture_and_generate, encode
+    from conceptprobe.generation import capture_and_generate_batches, encode
     from conceptprobe.hooks import ResidualCapture, resolve_layers
     from conceptprobe.models import LoadedModel, load_model
 
@@ -76,11 +78,18 @@ def capture(
     out: torch.Tensor | None = None
     with ResidualCapture(loaded.model, layers=chosen, dtype=torch.float32) as cap:
         out = torch.empty(len(prompts), len(chosen), len(offsets), cap.hidden_size)
-        for idx in plan_batches(lengths, batch_size, max_batch_tokens, extra=answer_tokens):
-            batch = encode(loaded.tokenizer, [prompts[i] for i in idx])
-            acts, texts = capture_and_generate(
-                loaded.model, loaded.tokenizer, batch, cap, offsets, answer_tokens
-            )
+        budget = batch_budget(loaded.model, max_batch_tokens)
+        batches = plan_batches(lengths, batch_size, budget.max_batch_tokens, extra=answer_tokens)
+        done = capture_and_generate_batches(
+            loaded.model,
+            loaded.tokenizer,
+            [encode(loaded.tokenizer, [prompts[i] for i in idx]) for idx in batches],
+            cap,
+            offsets,
+            answer_tokens,
+            decode_bytes=budget.decode_bytes,
+        )
+        for idx, (acts, texts) in zip(batches, done, strict=True):
             assert acts is not None
             for j, i in enumerate(idx):
                 out[i] = acts[j]

@@ -22,9 +22,9 @@ import torch
 from rich.console import Console
 
 from conceptprobe import __version__
-from conceptprobe.batching import plan_batches
+from conceptprobe.batching import batch_budget, plan_batches
 from conceptprobe.config import RunConfig
-from conceptprobe.generation import capture_and_generate, encode
+from conceptprobe.generation import capture_and_generate_batches, encode
 from conceptprobe.hooks import ResidualCapture
 from conceptprobe.measures.decodability import decodability_peak
 from conceptprobe.models import LoadedModel, load_model
@@ -143,6 +143,10 @@ def collect(
     if record is not None:
         store.write_run_json(record)
     max_new = _max_new_tokens(config, loaded, prompts)
+    budget = batch_budget(loaded.model, config.max_batch_tokens)
+    if record is not None:
+        record["batching"] = {"batch_size": config.batch_size, **budget.to_dict()}
+        store.write_run_json(record)
     total = sum(len(prompts[c]) for c in todo)
     dtype = torch.float32
     with (
@@ -153,16 +157,28 @@ def collect(
         for concept in todo:
             items = prompts[concept]
             lengths = [len(ids) for ids in loaded.tokenizer([p.text for p in items])["input_ids"]]
-            batches = plan_batches(lengths, config.batch_size, config.max_batch_tokens, extra=max_new)
+            batches = plan_batches(lengths, config.batch_size, budget.max_batch_tokens, extra=max_new)
+            if record is not None:  # what the forward passes ran: the benchmark's floor counts these
+                tokens = record.setdefault("tokens", {"prompt": 0, "padded": 0, "batches": 0})
+                tokens["prompt"] += sum(lengths)
+                tokens["padded"] += sum(len(idx) * max(lengths[i] for i in idx) for idx in batches)
+                tokens["batches"] += len(batches)
             acts = torch.empty(len(items), len(layers), len(config.positions), cap.hidden_size, dtype=dtype)
             preds: list[dict[str, Any]] = [{} for _ in items]
-            for idx in batches:  # shortest prompts first: little padding per batch
-                batch = encode(loaded.tokenizer, [items[i].text for i in idx])
-                got, texts = capture_and_generate(
-                    loaded.model, loaded.tokenizer, batch, cap, config.positions, max_new, timer=timer
-                )
+            done = capture_and_generate_batches(  # shortest prompts first: little padding per batch
+                loaded.model,
+                loaded.tokenizer,
+                [encode(loaded.tokenizer, [items[i].text for i in idx]) for idx in batches],
+                cap,
+                config.positions,
+                max_new,
+                decode_bytes=budget.decode_bytes,
+                timer=timer,
+                on_prefill=lambda rows: bar.advance(job, rows),
+            )
+            for idx, (got, texts) in zip(batches, done, strict=True):
                 assert got is not None
-                if not torch.isfinite(got).all():  # stop at the first bad batch, not after the concept
+                if not torch.isfinite(got).all():
                     row, li = (~torch.isfinite(got)).nonzero()[0].tolist()[:2]
                     raise FloatingPointError(
                         f"NaN/inf in the activations of model {config.model} (concept {concept!r}, prompt "
@@ -180,7 +196,6 @@ def collect(
                         "prediction": texts[j].strip(),
                         "correct": answer_matches(texts[j], p.answer),
                     }
-                bar.advance(job, len(idx))
             sha = store.write_shard(concept, acts, preds, layers, config.positions, provenance=record)
             if record is not None:
                 sums[concept] = sha
