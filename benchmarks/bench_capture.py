@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from conceptprobe.batching import plan_batches
-from conceptprobe.generation import capture_and_generate, encode, position_ids
+from conceptprobe.generation import capture_and_generate, capture_and_generate_batches, encode, position_ids
 from conceptprobe.hooks import ResidualCapture
 from conceptprobe.models import load_model
 from conceptprobe.models.layers import base_model, logits_from_hidden
@@ -147,6 +147,10 @@ def _vm(key: str) -> float:
     raise KeyError(key)
 
 
+#: KV cache held for wide decoding in the memory measurement (a run holds up to 25% of available memory).
+DECODE_MB = 64
+
+
 def _memory_child(
     model: str, dtype: str, n: int, shots: int, batch_size: int, max_tokens: int | None
 ) -> None:
@@ -163,12 +167,13 @@ def _memory_child(
     new_tokens = 4
     lengths = [len(ids) for ids in lm.tokenizer(texts)["input_ids"]]
     batches = plan_batches(lengths, batch_size, max_tokens, extra=new_tokens)  # as a run batches
+    # as a run does: prefill batches within the token budget, answers decoded together within a KV budget
+    decode_bytes = None if max_tokens is None else DECODE_MB * 2**20
     with torch.inference_mode(), ResidualCapture(lm.model) as cap:
-        acts = []
-        for idx in batches:
-            b = encode(lm.tokenizer, [texts[i] for i in idx])
-            got, _ = capture_and_generate(lm.model, lm.tokenizer, b, cap, [0], new_tokens)  # as a run does
-            acts.append(got)
+        encoded = [encode(lm.tokenizer, [texts[i] for i in idx]) for idx in batches]
+        capture_and_generate_batches(
+            lm.model, lm.tokenizer, encoded, cap, [0], new_tokens, decode_bytes=decode_bytes
+        )
     peak = _vm("VmHWM")
     seq = round(statistics.mean(lengths))
     rows = max(len(b) for b in batches)
@@ -184,7 +189,11 @@ def bench_memory(lm, model: str, dtype: str, batch_size: int, quick: bool, max_t
     print(f"\n## Peak RSS ({model}, {dtype}; one process per row)")
     grid = [(32, 2), (32, 8)] if quick else [(64, 4), (64, 10), (128, 4), (128, 10)]
     for budget in (None, max_tokens):
-        what = f"batch {batch_size}" + (f", token budget {budget}" if budget else ", no token budget")
+        what = f"batch {batch_size}" + (
+            f", token budget {budget}, decoding KV budget {DECODE_MB} MB"
+            if budget
+            else ", no token budget, every answer decoded in one batch"
+        )
         print(f"\n### {what}\n")
         print(
             "| prompts | shots | tokens/prompt | rows/batch | RSS after load MB | peak RSS MB | growth MB |\n"

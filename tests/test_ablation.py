@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from conceptprobe.experiments.ablation import AblationConfig, ablate, control_sets, parse_head, rank_heads
+from conceptprobe.experiments.ablation import (
+    AblationConfig,
+    ablate,
+    add_paired_changes,
+    control_sets,
+    paired_accuracy_changes,
+    parse_head,
+    rank_heads,
+)
 from conceptprobe.hooks import HeadAblation, head_layout, head_output_means
 from conceptprobe.models import LoadedModel, ModelInfo
 from helpers import make_model, make_tokenizer
@@ -167,6 +176,14 @@ def test_ablate_end_to_end(tmp_path):
     assert [r["condition"].text for r in table.rows] == ["baseline", "induction", "control"]
     assert table.rows[0]["m0"].value == pytest.approx(rec["conditions"][0]["icl_score"]["value"])
     assert any(f.key.startswith("causal_ablation_") for f in section.figures)
+    assert any("paired over the same prompts" in getattr(b, "text", "") for b in section.blocks)
+    # the paired accuracy changes are in the record and recomputed equal from predictions.jsonl
+    paired = {e["task"]: e for e in rec["paired_accuracy"]}
+    assert (
+        set(paired) == set(m[m.metric == "icl_accuracy"].task)
+        and paired[next(iter(paired))]["control"]["draws"] == 3
+    )
+    assert add_paired_changes(out)["paired_accuracy"] == rec["paired_accuracy"]
     # the same seed gives the same result
     again = ablate(_config(heads_folder=str(heads_dir)), None, loaded=loaded, progress=False)
     pd.testing.assert_frame_equal(again.metrics.reset_index(drop=True), result.metrics.reset_index(drop=True))
@@ -228,3 +245,30 @@ def test_ablate_cli_smoke(tmp_path):
     assert rec["ablated"] == ["L0H1", "L2H3"] and len(rec["control_sets"]) == 2
     again = CliRunner().invoke(app, [*args, "--no-progress"])
     assert again.exit_code == 2  # a non-empty --out is refused (usage error naming --overwrite)
+
+
+def test_paired_accuracy_changes_on_planted_predictions():
+    """Half the prompts lose their answer under the ablation: change -0.5 with a paired interval inside
+    [-1, 0]; the two control draws change nothing and one prompt; null prompts are left out."""
+
+    def rows(cond, draw, correct):
+        return [
+            {"condition": cond, "draw": draw, "task": "t", "concept": c, "index": i, "correct": ok}
+            for (c, i), ok in correct.items()
+        ]
+
+    keys = [(c, i) for c in ("a", "b") for i in range(10)]
+    base = dict.fromkeys(keys, True)
+    ablated = {k: k[1] >= 5 for k in keys}  # indices 0-4 of each concept lost
+    one_lost = {k: k != ("a", 0) for k in keys}
+    preds = rows("baseline", None, base) + rows("induction", None, ablated)
+    preds += rows("control", 0, base) + rows("control", 1, one_lost)
+    preds += [
+        {"condition": "baseline", "draw": None, "task": "t", "concept": "null", "index": 0, "correct": False}
+    ]
+    (entry,) = paired_accuracy_changes(preds, n_boot=500, seed=0)
+    assert entry["n"] == 20 and entry["induction"]["delta"] == pytest.approx(-0.5)
+    low, high = entry["induction"]["ci"]
+    assert -1 < low < -0.5 < high < 0
+    assert entry["control"]["each"] == pytest.approx([0.0, -0.05]) and entry["control"]["draws"] == 2
+    assert entry["control"]["std"] == pytest.approx(np.std([0.0, -0.05], ddof=1))

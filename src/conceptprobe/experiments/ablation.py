@@ -430,6 +430,8 @@ def ablate(
             "every condition); 95% bootstrap interval over prompts",
             "control summary": "rows with condition control and no draw: mean over draws, std across draws",
             "delta": "value minus the baseline's value",
+            "paired_accuracy": "accuracy change from the baseline over the same prompts: induction with a 95% "
+            "bootstrap interval of the paired per-prompt differences; control: each draw's change, mean and std",
         },
         "model": info.to_dict(),
         "config": c.model_dump(mode="json"),
@@ -444,6 +446,7 @@ def ablate(
         "peak_layers": peaks,
         "conditions": per_condition,
         "summary": summary(metrics),
+        "paired_accuracy": paired_accuracy_changes(predictions, c.n_bootstrap, c.seed),
         "settings": {"threads": threads, "dtype": c.dtype, "seed": c.seed},
         "seconds": {
             "load": info.load_seconds,
@@ -503,6 +506,75 @@ def summary(metrics: Any) -> list[dict[str, Any]]:
             entry[row.condition] = cell
         out.append(entry)
     return out
+
+
+def paired_accuracy_changes(
+    predictions: list[dict[str, Any]], n_boot: int = 1000, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Per task, the change in accuracy (without ``null``) from the baseline, paired over the same prompts.
+
+    ``induction``: the mean of (ablated - intact) correctness per prompt with its 95% bootstrap interval
+    (prompts resampled within their concept); ``control``: each draw's paired change, their mean and std.
+    Pairing removes the prompts' own difficulty from the interval, which the per-condition intervals keep.
+    """
+    import numpy as np
+
+    from conceptprobe.measures.controls import bootstrap_interval
+
+    def outcomes(cond: str, task: str, draw: Any = None) -> dict[tuple[str, int], float]:
+        return {
+            (p["concept"], int(p["index"])): float(bool(p["correct"]))
+            for p in predictions
+            if p["condition"] == cond
+            and p["task"] == task
+            and p.get("draw") == draw
+            and p["concept"] != "null"
+        }
+
+    out = []
+    for task in dict.fromkeys(p["task"] for p in predictions):
+        base = outcomes("baseline", task)
+        keys = sorted(base)
+        if not keys:
+            continue
+        y = np.array([k[0] for k in keys])
+        entry: dict[str, Any] = {"task": task, "metric": "icl_accuracy", "n": len(keys)}
+        ablated = outcomes("induction", task)
+        if set(ablated) == set(keys):
+            diff = np.array([ablated[k] - base[k] for k in keys])
+            low, high = bootstrap_interval(diff, y, n_boot, seed=seed)
+            entry["induction"] = {"delta": float(diff.mean()), "ci": [float(low), float(high)]}
+        draws = sorted({p["draw"] for p in predictions if p["condition"] == "control" and p["task"] == task})
+        deltas = []
+        for draw in draws:
+            ctrl = outcomes("control", task, draw)
+            if set(ctrl) == set(keys):
+                deltas.append(float(np.mean([ctrl[k] - base[k] for k in keys])))
+        if deltas:
+            sd = float(np.std(deltas, ddof=1)) if len(deltas) > 1 else float("nan")
+            entry["control"] = {
+                "delta": float(np.mean(deltas)),
+                "std": sd,
+                "draws": len(deltas),
+                "each": deltas,
+            }
+        out.append(entry)
+    return out
+
+
+def add_paired_changes(folder: str | Path, n_boot: int = 1000) -> dict[str, Any]:
+    """Compute :func:`paired_accuracy_changes` from a folder's ``predictions.jsonl`` and store them in its
+    ``ablation.json`` (``paired_accuracy``); returns the updated record."""
+    from conceptprobe.store import atomic_write_text
+
+    folder = Path(folder)
+    record = json.loads((folder / "ablation.json").read_text())
+    lines = (folder / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in lines if line.strip()]
+    seed = int(record.get("config", {}).get("seed", 0))
+    record["paired_accuracy"] = paired_accuracy_changes(predictions, n_boot, seed)
+    atomic_write_text(folder / "ablation.json", json.dumps(record, indent=2, default=str) + "\n")
+    return record
 
 
 def measure_name(task: str, metric: str) -> str:

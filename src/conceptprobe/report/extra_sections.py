@@ -502,6 +502,25 @@ def _ablation_table(r: AblationResult) -> Table:
     )
 
 
+def _paired_text(entries: list[dict[str, Any]]) -> str:
+    """One sentence of the paired accuracy changes of an ``ablation.json`` (empty without them)."""
+    parts = []
+    for e in entries:
+        ind, ctrl = e.get("induction"), e.get("control")
+        if not ind:
+            continue
+        text = f"{e['task']} {ind['delta']:+.2f} [{ind['ci'][0]:+.2f}, {ind['ci'][1]:+.2f}]"
+        if ctrl:
+            text += f" (random draws {ctrl['delta']:+.2f} ± {ctrl['std']:.2f}, {ctrl['draws']} draws)"
+        parts.append(f"{text}, n = {e['n']}")
+    if not parts:
+        return ""
+    return (
+        "Accuracy change from the baseline, paired over the same prompts (95% bootstrap interval of the "
+        "per-prompt differences): " + "; ".join(parts) + "."
+    )
+
+
 def _ablation_blocks(ex: Extras) -> list[Table | ExtraFigure | Text]:
     from conceptprobe.experiments.ablation import ablation_figure
 
@@ -525,6 +544,9 @@ def _ablation_blocks(ex: Extras) -> list[Table | ExtraFigure | Text]:
             )
         )
         blocks.append(_ablation_table(r))
+        paired = _paired_text(r.data.get("paired_accuracy") or [])
+        if paired:
+            blocks.append(Text("p", paired))
         key = "causal_ablation_" + "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in r.folder.name)
         fig = ablation_figure(r.data, r.model)
         blocks.append(
