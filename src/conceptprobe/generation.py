@@ -299,9 +299,8 @@ def capture_and_generate_batches(
             capture.enabled = False
         try:
             merged = merge([s for _, s in pending])
-            groups = [pending] if merged is not None else [[p] for p in pending]
-            for group in groups:
-                state = merged if merged is not None else group[0][1]
+            groups = [(merged, pending)] if merged is not None else [(s, [(i, s)]) for i, s in pending]
+            for state, group in groups:
                 texts = decode(model, tokenizer, state, max_new_tokens, stop, timer)
                 start = 0
                 for i, part in group:
@@ -313,8 +312,8 @@ def capture_and_generate_batches(
         pending.clear()
         held = 0
 
+    generate = max_new_tokens > 0
     for i, batch in enumerate(batches):
-        generate = max_new_tokens > 0
         acts, state = prefill(model, batch, capture, offsets, use_cache=generate, timer=timer)
         if not generate:
             results[i] = (acts, [""] * batch.input_ids.shape[0])
@@ -330,6 +329,41 @@ def capture_and_generate_batches(
             on_prefill(batch.input_ids.shape[0])
     flush()
     return results
+
+
+def capture_prompts(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batches: Sequence[Sequence[int]],
+    capture: ResidualCapture,
+    offsets: list[int],
+    max_new_tokens: int,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, list[str]]:
+    """:func:`capture_and_generate_batches` over ``texts`` grouped by ``batches`` (index lists, e.g. from
+    :func:`~conceptprobe.batching.plan_batches`), returned per prompt in the order of ``texts``:
+    activations ``[n, layers, len(offsets), d]`` (float32) and answers. ``kwargs`` go to it."""
+    done = capture_and_generate_batches(
+        model,
+        tokenizer,
+        [encode(tokenizer, [texts[i] for i in idx]) for idx in batches],
+        capture,
+        offsets,
+        max_new_tokens,
+        **kwargs,
+    )
+    acts: torch.Tensor | None = None
+    answers = [""] * len(texts)
+    for idx, (got, out) in zip(batches, done, strict=True):
+        assert got is not None
+        if acts is None:
+            acts = torch.empty(len(texts), *got.shape[1:], dtype=got.dtype)
+        acts[list(idx)] = got
+        for j, i in enumerate(idx):
+            answers[i] = out[j]
+    assert acts is not None
+    return acts, answers
 
 
 def _add_seconds(timer: dict[str, float] | None, key: str, seconds: float) -> None:

@@ -56,7 +56,7 @@ def capture(
     """
     from conceptprobe.batching import batch_budget, plan_batches
     from conceptprobe.config import choose_dtype
-    from conceptprobe.generation import capture_and_generate_batches, encode
+    from conceptprobe.generation import capture_prompts
     from conceptprobe.hooks import ResidualCapture, resolve_layers
     from conceptprobe.models import LoadedModel, load_model
 
@@ -74,26 +74,13 @@ def capture(
         raise ValueError(
             f"offset {min(offsets)} reaches before the start of the shortest prompt ({min(lengths)} tokens)"
         )
-    answers: list[str] = [""] * len(prompts)
-    out: torch.Tensor | None = None
     with ResidualCapture(loaded.model, layers=chosen, dtype=torch.float32) as cap:
-        out = torch.empty(len(prompts), len(chosen), len(offsets), cap.hidden_size)
         budget = batch_budget(loaded.model, max_batch_tokens)
         batches = plan_batches(lengths, batch_size, budget.max_batch_tokens, extra=answer_tokens)
-        done = capture_and_generate_batches(
-            loaded.model,
-            loaded.tokenizer,
-            [encode(loaded.tokenizer, [prompts[i] for i in idx]) for idx in batches],
-            cap,
-            offsets,
-            answer_tokens,
+        out, answers = capture_prompts(
+            loaded.model, loaded.tokenizer, list(prompts), batches, cap, offsets, answer_tokens,
             decode_bytes=budget.decode_bytes,
-        )
-        for idx, (acts, texts) in zip(batches, done, strict=True):
-            assert acts is not None
-            for j, i in enumerate(idx):
-                out[i] = acts[j]
-                answers[i] = texts[j]
+        )  # fmt: skip
     return Captured(out, chosen, offsets, answers if answer_tokens else None)
 
 

@@ -24,7 +24,7 @@ from rich.console import Console
 from conceptprobe import __version__
 from conceptprobe.batching import batch_budget, plan_batches
 from conceptprobe.config import RunConfig
-from conceptprobe.generation import capture_and_generate_batches, encode
+from conceptprobe.generation import capture_prompts
 from conceptprobe.hooks import ResidualCapture
 from conceptprobe.measures.decodability import decodability_peak
 from conceptprobe.models import LoadedModel, load_model
@@ -140,8 +140,6 @@ def collect(
         return resumed
     if loaded is None:
         raise RuntimeError(f"concepts {todo} need computing but no model was loaded")
-    if record is not None:
-        store.write_run_json(record)
     max_new = _max_new_tokens(config, loaded, prompts)
     budget = batch_budget(loaded.model, config.max_batch_tokens)
     if record is not None:
@@ -163,12 +161,11 @@ def collect(
                 tokens["prompt"] += sum(lengths)
                 tokens["padded"] += sum(len(idx) * max(lengths[i] for i in idx) for idx in batches)
                 tokens["batches"] += len(batches)
-            acts = torch.empty(len(items), len(layers), len(config.positions), cap.hidden_size, dtype=dtype)
-            preds: list[dict[str, Any]] = [{} for _ in items]
-            done = capture_and_generate_batches(  # shortest prompts first: little padding per batch
+            acts, texts = capture_prompts(  # shortest prompts first: little padding per batch
                 loaded.model,
                 loaded.tokenizer,
-                [encode(loaded.tokenizer, [items[i].text for i in idx]) for idx in batches],
+                [p.text for p in items],
+                batches,
                 cap,
                 config.positions,
                 max_new,
@@ -176,26 +173,24 @@ def collect(
                 timer=timer,
                 on_prefill=lambda rows: bar.advance(job, rows),
             )
-            for idx, (got, texts) in zip(batches, done, strict=True):
-                assert got is not None
-                if not torch.isfinite(got).all():
-                    row, li = (~torch.isfinite(got)).nonzero()[0].tolist()[:2]
-                    raise FloatingPointError(
-                        f"NaN/inf in the activations of model {config.model} (concept {concept!r}, prompt "
-                        f"{items[idx[row]].index}, layer {layers[li]}, dtype {config.dtype}); the model is "
-                        "numerically unstable here: try --dtype float32, or check its weights"
-                    )
-                for j, i in enumerate(idx):
-                    acts[i] = got[j]
-                    p = items[i]
-                    preds[i] = {
-                        "concept": concept,
-                        "index": p.index,
-                        "prompt": p.text,
-                        "answer": p.answer,
-                        "prediction": texts[j].strip(),
-                        "correct": answer_matches(texts[j], p.answer),
-                    }
+            if not torch.isfinite(acts).all():
+                row, li = (~torch.isfinite(acts)).nonzero()[0].tolist()[:2]
+                raise FloatingPointError(
+                    f"NaN/inf in the activations of model {config.model} (concept {concept!r}, prompt "
+                    f"{items[row].index}, layer {layers[li]}, dtype {config.dtype}); the model is "
+                    "numerically unstable here: try --dtype float32, or check its weights"
+                )
+            preds = [
+                {
+                    "concept": concept,
+                    "index": p.index,
+                    "prompt": p.text,
+                    "answer": p.answer,
+                    "prediction": text.strip(),
+                    "correct": answer_matches(text, p.answer),
+                }
+                for p, text in zip(items, texts, strict=True)
+            ]
             sha = store.write_shard(concept, acts, preds, layers, config.positions, provenance=record)
             if record is not None:
                 sums[concept] = sha
